@@ -27,6 +27,7 @@ import pluggy
 COMMANDS = {
     "list": "kdplug._cmd_list",
     "info": "kdplug._cmd_info",
+    "bench": "kdplug._cmd_bench",
 }
 
 
