@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 import inspect
 import os
+import re
 import threading
 import warnings
 from typing import Any
@@ -77,27 +78,38 @@ class Registry:
             self._loaded = True
 
     def _load(self) -> None:
+        # Start from nothing, so that a load that raised (a built-in failing, check_pending) is
+        # retried from scratch rather than on top of a half-filled registry.
+        self.methods, self.names, self.owner, self.plugins = {}, {}, {}, {}
         pm = pluggy.PluginManager("kdplug")
         pm.add_hookspecs(hookspecs)
         self.pm = pm
         allowed = os.environ.get("KDPLUG_LOAD_PLUGINS")
-        allowed = None if allowed is None else {d.strip().lower() for d in allowed.split(",") if d.strip()}
+        allowed = None if allowed is None else {_dist_key(d) for d in allowed.split(",") if d.strip()}
         found_builtin = False
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        seen: dict[str, tuple[str | None, str]] = {}  # plugin name -> (distribution, module)
+        # Built-ins first (their method names are reserved), then the others in a fixed order.
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_order):
             dist = ep.dist.name if ep.dist is not None else None
-            builtin = dist is not None and dist.lower() == "kdplug"
-            if not builtin and allowed is not None and (dist or "").lower() not in allowed:
+            builtin = dist is not None and _dist_key(dist) == "kdplug"
+            if not builtin and allowed is not None and _dist_key(dist or "") not in allowed:
                 continue
-            if pm.has_plugin(ep.name):
-                continue
-            found_builtin |= builtin
             version = ep.dist.version if ep.dist is not None else None
+            if ep.name in seen:
+                if seen[ep.name] != (dist, ep.value):  # the same distribution twice on sys.path is fine
+                    self._fail(ep.name, ep.value, dist, version,
+                               f"was not loaded: the plugin name {ep.name!r} is already used by "
+                               f"{seen[ep.name][1]!r} from distribution {seen[ep.name][0]!r}",
+                               key=f"{dist}:{ep.name}")
+                continue
+            seen[ep.name] = (dist, ep.value)
+            found_builtin |= builtin
             try:
                 module = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take the others down
                 if builtin:
                     raise
-                self._fail(ep.name, ep.value, dist, version, f"failed to import: {exc!r}")
+                self._fail(ep.name, ep.value, dist, version, f"failed to import: {_describe(exc)}")
                 continue
             self._add(pm, ep.name, module, dist, version, builtin)
         if not found_builtin:
@@ -106,8 +118,8 @@ class Registry:
         pm.check_pending()
         self._collect(pm)
 
-    def _fail(self, name, module, dist, version, message) -> None:
-        self.plugins[name] = PluginInfo(name, module, dist, version, (), message)
+    def _fail(self, name, module, dist, version, message, key=None) -> None:
+        self.plugins[key or name] = PluginInfo(name, module, dist, version, (), message)
         warnings.warn(f"kdplug: plugin {name!r} (distribution {dist!r}) {message}; "
                       "the other plugins are loaded", RuntimeWarning, stacklevel=4)
 
@@ -118,7 +130,7 @@ class Registry:
             if builtin:
                 raise
             self._fail(name, getattr(module, "__name__", str(module)), dist, version,
-                       f"could not be registered: {exc}")
+                       f"could not be registered: {_describe(exc)}")
             return
         self.plugins[name] = PluginInfo(name, getattr(module, "__name__", str(module)), dist, version, ())
 
@@ -141,7 +153,7 @@ class Registry:
                     self._unregister(name)
                 registered.clear()
                 self._fail(plugin, info.module if info else plugin, info and info.distribution,
-                           info and info.version, f"raised in register_methods: {exc!r}")
+                           info and info.version, f"raised in register_methods: {_describe(exc)}")
                 continue
             if info is not None:
                 self.plugins[plugin] = dataclasses.replace(info, methods=tuple(registered))
@@ -198,6 +210,20 @@ class Registry:
 
 def _normalize(name: str) -> str:
     return name.strip().lower().replace("-", "_")
+
+
+def _dist_key(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``KDPlug_Jeffreys`` == ``kdplug-jeffreys``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _ep_order(ep) -> tuple:
+    dist = _dist_key(ep.dist.name) if ep.dist is not None else ""
+    return (dist != "kdplug", dist, ep.name)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 REGISTRY = Registry()
