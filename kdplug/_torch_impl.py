@@ -56,24 +56,34 @@ def _ab_elem(l_big, x, c: float, d: float):
     return out
 
 
-def element(div: int, lP, lQ, ab_alpha: float, ab_beta: float):
-    """Per-element divergence ``e`` and its partials ``de/dlog P``, ``de/dlog Q``."""
-    zero = torch.zeros((), dtype=lP.dtype, device=lP.device)
+def _nan0_(x):
+    """In place: NaN -> 0 (the select-before-multiply of ``0 * inf`` terms), infinities kept."""
+    return torch.nan_to_num_(x, nan=0.0, posinf=float("inf"), neginf=NEG_INF)
+
+
+def element(div: int, lP, lQ, ab_alpha: float, ab_beta: float, partials: bool = True):
+    """Per-element divergence ``e`` and (if ``partials``) ``de/dlog P``, ``de/dlog Q``."""
     P = torch.exp(lP)
     if div == KL or div == CE:
+        # NB: every NaN below is a 0 * inf with P == 0, whose limit is 0.
         if div == KL:
             diff = lP - lQ
-            e = _mul0(P, diff)
-            dP = _mul0(P, diff + 1)
+            e = _nan0_(P * diff)
+            dP = _nan0_(diff.add_(1).mul_(P)) if partials else None
         else:
-            e = _mul0(P, -lQ)
-            dP = e
-        return e, dP, -P
+            e = _nan0_(-P * lQ)
+            dP = e if partials else None
+        return e, dP, (-P if partials else None)
     Q = torch.exp(lQ)
     if div == TVD:
-        sign = torch.sign(P - Q)
-        return 0.5 * (P - Q).abs(), 0.5 * P * sign, -0.5 * Q * sign
+        diff = P - Q
+        e = diff.abs().mul_(0.5)
+        if not partials:
+            return e, None, None
+        sign = torch.sign(diff).mul_(0.5)
+        return e, P * sign, -Q * sign
     # AB(alpha, beta): both logs -inf -> everything 0.
+    zero = torch.zeros((), dtype=lP.dtype, device=lP.device)
     a, b = ab_alpha, ab_beta
     both = (lP == NEG_INF) & (lQ == NEG_INF)
     lP_ = torch.where(both, zero, lP)
@@ -81,13 +91,15 @@ def element(div: int, lP, lQ, ab_alpha: float, ab_beta: float):
     q_big = lQ_ >= lP_
     x_pq = lP_ - lQ_   # <= 0 where Q >= P
     x_qp = lQ_ - lP_   # <= 0 where P > Q
-    e = torch.where(q_big, _ab_elem(lQ_, x_pq, a, b), _ab_elem(lP_, x_qp, b, a))
+    e = torch.where(both, zero, torch.where(q_big, _ab_elem(lQ_, x_pq, a, b), _ab_elem(lP_, x_qp, b, a)))
+    if not partials:
+        return e, None, None
     Pa, Pb, Qa, Qb = _pow(lP_, a), _pow(lP_, b), _pow(lQ_, a), _pow(lQ_, b)
     dQ = torch.where(q_big, -_mul0(Qa, _phi(x_pq, a)), _mul0(Pa, _phi(x_qp, a)))
     dQ = _mul0(Qb, dQ)
     dP = torch.where(q_big, _mul0(Qb, _phi(x_pq, b)), -_mul0(Pb, _phi(x_qp, b)))
     dP = _mul0(Pa, dP)
-    return (torch.where(both, zero, e), torch.where(both, zero, dP), torch.where(both, zero, dQ))
+    return e, torch.where(both, zero, dP), torch.where(both, zero, dQ)
 
 
 def mixture_log(lp, lq, lam, a: float):
@@ -131,131 +143,130 @@ def _decode(structure, consts):
     return policy, bool(has_assistant), bool(detach), consts[0], terms
 
 
-class _Row:
-    """Everything about a block of rows that the forward and the backward both need."""
+class _Rows:
+    """The log-probabilities of a block of rows, shared by the forward and the backward."""
 
-    def __init__(self, student_logits, teacher_logits, params, row_mask, structure, consts):
-        dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    def __init__(self, lq, lp, lr, lr_tilde, params, structure, consts):
+        self.lq, self.lp, self.lr, self.lr_tilde = lq, lp, lr, lr_tilde
         self.policy, self.has_assistant, self.detach, alpha, self.terms = _decode(structure, consts)
-        params = params.to(dtype)
-        self.T = params[0]
-        self.lam = params[1]
-        self.weights = params[2:]
+        params = params.to(lq.dtype)
+        self.T, self.lam, self.weights = params[0], params[1], params[2:]
+        self.a = (1.0 - alpha) / 2.0 if alpha < 1.0 else 0.0  # alpha >= 1 arrives as 1 (geometric)
+        # Under "exclude", an entry where either logit is +-inf is dropped (+inf never gets here).
+        self.keep = (lq != NEG_INF) & (lp != NEG_INF) if self.policy == EXCLUDE else None
+
+    @classmethod
+    def compute(cls, student_logits, teacher_logits, params, row_mask, structure, consts):
+        dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+        T = params[0].to(dtype)
         zero = torch.zeros((), dtype=dtype, device=student_logits.device)
         keep_row = row_mask[:, None]
-        # Masked rows are never read: they may hold NaN or be all -inf.
-        s = torch.where(keep_row, student_logits.to(dtype), zero)
-        t = torch.where(keep_row, teacher_logits.to(dtype), zero)
-        self.s_is_neg_inf = s == NEG_INF
-        self.t_is_neg_inf = t == NEG_INF
-        self.keep = None
-        if self.policy == EXCLUDE:
-            self.keep = torch.isfinite(s) & torch.isfinite(t)
-        self.lse_s = torch.logsumexp(s / self.T, dim=-1, keepdim=True)
-        self.lse_t = torch.logsumexp(t / self.T, dim=-1, keepdim=True)
-        self.lq = s / self.T - self.lse_s
-        self.lp = t / self.T - self.lse_t
-        self.a = (1.0 - alpha) / 2.0 if alpha < 1.0 else 0.0  # alpha >= 1 arrives as 1 (geometric)
-        self.lr = self.lr_tilde = None
-        if self.has_assistant:
-            lr_tilde = mixture_log(self.lp, self.lq, self.lam, self.a)
-            if self.a == 1.0:  # arithmetic mixture: already normalized
-                log_z = torch.zeros_like(self.lse_s)
+        # NB: masked rows are never read (they may hold NaN or be all -inf): they become zeros.
+        s = torch.where(keep_row, student_logits.to(dtype), zero).div_(T)
+        t = torch.where(keep_row, teacher_logits.to(dtype), zero).div_(T)
+        for name, x in (("student_logits", s), ("teacher_logits", t)):
+            bad = ~torch.isfinite(x.amax(dim=-1))
+            torch._assert_async(~bad.any(), f"kdplug: {name} has a row that is not masked but is all "
+                                            "-inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
+        lq = torch.log_softmax(s, dim=-1)
+        lp = torch.log_softmax(t, dim=-1)
+        del s, t
+        policy, has_assistant, detach, alpha, terms = _decode(structure, consts)
+        lr = lr_tilde = None
+        if has_assistant:
+            a = (1.0 - alpha) / 2.0 if alpha < 1.0 else 0.0
+            lr_tilde = mixture_log(lp, lq, params[1].to(dtype), a)
+            if a == 1.0:  # arithmetic mixture: already normalized
+                lr = lr_tilde
             else:
                 log_z = torch.logsumexp(lr_tilde, dim=-1, keepdim=True)
-            # A mixture that is 0 everywhere (disjoint supports under a geometric mixture) is
-            # left at 0 instead of 0/0.
-            self.lr = torch.where(log_z == NEG_INF, lr_tilde, lr_tilde - torch.where(log_z == NEG_INF, zero, log_z))
-            self.lr_tilde = lr_tilde
+                # A mixture that is 0 everywhere (disjoint supports under a geometric mixture) is
+                # left at 0 instead of 0/0.
+                lr = lr_tilde - torch.where(log_z == NEG_INF, zero, log_z)
+        return cls(lq, lp, lr, lr_tilde, params, structure, consts)
 
     def logs(self, operand):
         return (self.lp, self.lq, self.lr)[operand]
 
-    def terms_iter(self, token_weights):
+    def terms_iter(self, token_weights, partials):
         """Yields (e, dP, dQ, lhs, rhs, coefficient [n, 1]) per term."""
         for i, (lhs, rhs, div, ab_a, ab_b) in enumerate(self.terms):
-            e, dP, dQ = element(div, self.logs(lhs), self.logs(rhs), ab_a, ab_b)
+            e, dP, dQ = element(div, self.logs(lhs), self.logs(rhs), ab_a, ab_b, partials)
             if self.keep is not None:
                 zero = torch.zeros((), dtype=e.dtype, device=e.device)
-                e = torch.where(self.keep, e, zero)
-                dP = torch.where(self.keep, dP, zero)
-                dQ = torch.where(self.keep, dQ, zero)
+                e, dP, dQ = (None if x is None else torch.where(self.keep, x, zero) for x in (e, dP, dQ))
             coef = self.weights[i].reshape(1, 1)
             if token_weights is not None:
                 coef = coef * token_weights[:, i: i + 1].to(e.dtype)
             yield e, dP, dQ, lhs, rhs, coef
 
 
-def forward(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
+def forward(rows, token_weights, row_mask):
     """Per-token loss ``[N]`` (0 on masked rows)."""
-    rows = _Row(student_logits, teacher_logits, params, row_mask, structure, consts)
-    _check_rows(rows, row_mask)
-    loss = torch.zeros_like(rows.lse_s)
-    for e, _, _, _, _, coef in rows.terms_iter(token_weights):
+    loss = torch.zeros_like(rows.lq[:, :1])
+    for e, _, _, _, _, coef in rows.terms_iter(token_weights, partials=False):
         loss = loss + _mul0(coef, e.sum(dim=-1, keepdim=True))
     loss = loss.squeeze(-1)
     return torch.where(row_mask, loss, torch.zeros_like(loss))
 
 
-def _check_rows(rows, row_mask):
-    for name, lse in (("student_logits", rows.lse_s), ("teacher_logits", rows.lse_t)):
-        bad = row_mask & ~torch.isfinite(lse.squeeze(-1))
-        torch._assert_async(~bad.any(), f"kdplug: {name} has a row that is not masked but is all "
-                                        "-inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
-
-
-def backward(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, structure,
-             consts, need_teacher: bool):
+def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: bool):
     """Gradients w.r.t. the student (and teacher) logits: ``scale * (u - q * sum(u)) / T``."""
-    rows = _Row(student_logits, teacher_logits, params, row_mask, structure, consts)
     dtype = rows.lq.dtype
     zero = torch.zeros((), dtype=dtype, device=rows.lq.device)
-    h = [torch.zeros_like(rows.lq), torch.zeros_like(rows.lq), torch.zeros_like(rows.lq)]  # teacher, student, assistant
-    for _, dP, dQ, lhs, rhs, coef in rows.terms_iter(token_weights):
-        # NB: an infinite partial only occurs where the element itself is +inf (a genuine support
-        # mismatch); the gradient of such a token is taken over its finite entries, never NaN.
-        h[lhs] = h[lhs] + _mul0(coef, torch.where(torch.isfinite(dP), dP, zero))
-        h[rhs] = h[rhs] + _mul0(coef, torch.where(torch.isfinite(dQ), dQ, zero))
+    via_assistant = rows.has_assistant and not rows.detach
+    needed = {STUDENT, TEACHER} if need_teacher else {STUDENT}
+    if via_assistant:
+        needed.add(ASSISTANT)
+    h = {}  # slot -> dL/dlog(slot)
+    for _, dP, dQ, lhs, rhs, coef in rows.terms_iter(token_weights, partials=True):
+        for slot, partial in ((lhs, dP), (rhs, dQ)):
+            if slot not in needed:
+                continue
+            # NB: an infinite partial only occurs where the element itself is +inf (a genuine
+            # support mismatch); such a token's gradient is taken over its finite entries.
+            partial = torch.nan_to_num(partial, nan=0.0, posinf=0.0, neginf=0.0)
+            partial = _mul0(coef, partial)
+            h[slot] = partial if slot not in h else h[slot].add_(partial)
     scale = torch.where(row_mask, grad_loss.to(dtype), zero)[:, None] / rows.T
     live = scale != 0
 
-    def through_assistant(side_log, side_weight):
-        if not rows.has_assistant or rows.detach:
-            return 0
-        r = torch.exp(rows.lr)
-        w = _mixture_weight(side_log, rows.lr_tilde, side_weight, rows.a)
-        h_r = h[ASSISTANT]
-        return w * (h_r - h_r.sum(dim=-1, keepdim=True) * r)
-
-    def grad(side, side_log, is_neg_inf, side_weight, like):
-        u = h[side] + through_assistant(side_log, side_weight)
+    def grad(side, side_log, side_weight, out_dtype):
+        u = h.get(side, torch.zeros_like(side_log))
+        if via_assistant and ASSISTANT in h:
+            h_r = h[ASSISTANT]
+            r = torch.exp(rows.lr)
+            w = _mixture_weight(side_log, rows.lr_tilde, side_weight, rows.a)
+            u = u + w * (h_r - h_r.sum(dim=-1, keepdim=True) * r)
         prob = torch.exp(side_log)
-        g = scale * (u - prob * u.sum(dim=-1, keepdim=True))
+        g = (u - prob * u.sum(dim=-1, keepdim=True)).mul_(scale)
         # NB: the gradient w.r.t. a -inf logit is 0, and a token whose incoming gradient is 0
         # gets exactly 0 (its loss may be +inf).
-        g = torch.where(live & ~is_neg_inf, g, zero)
-        return g.to(like.dtype)
+        g = torch.where(live & (side_log != NEG_INF), g, zero)
+        return g.to(out_dtype)
 
-    grad_student = grad(STUDENT, rows.lq, rows.s_is_neg_inf, 1 - rows.lam, student_logits)
-    grad_teacher = None
-    if need_teacher:
-        grad_teacher = grad(TEACHER, rows.lp, rows.t_is_neg_inf, rows.lam, teacher_logits)
+    grad_student = grad(STUDENT, rows.lq, 1 - rows.lam, dtypes[0])
+    grad_teacher = grad(TEACHER, rows.lp, rows.lam, dtypes[1]) if need_teacher else None
     return grad_student, grad_teacher
 
 
 class RecipeLoss(torch.autograd.Function):
-    """Per-token recipe loss with the closed-form gradient (first order only)."""
+    """Per-token recipe loss with the closed-form gradient (first order only).
+
+    ``apply(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts)``
+    """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
-        ctx.save_for_backward(student_logits, teacher_logits, params, token_weights, row_mask)
-        ctx.structure = structure
-        ctx.consts = consts
-        return forward(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts)
+        rows = _Rows.compute(student_logits, teacher_logits, params, row_mask, structure, consts)
+        ctx.save_for_backward(rows.lq, rows.lp, rows.lr, rows.lr_tilde, params, token_weights, row_mask)
+        ctx.structure, ctx.consts = structure, consts
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
+        return forward(rows, token_weights, row_mask)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student_logits, teacher_logits, params, token_weights, row_mask = ctx.saved_tensors
-        grad_s, grad_t = backward(grad_loss, student_logits, teacher_logits, params, token_weights,
-                                  row_mask, ctx.structure, ctx.consts, ctx.needs_input_grad[1])
+        lq, lp, lr, lr_tilde, params, token_weights, row_mask = ctx.saved_tensors
+        rows = _Rows(lq, lp, lr, lr_tilde, params, ctx.structure, ctx.consts)
+        grad_s, grad_t = backward(grad_loss, rows, token_weights, row_mask, ctx.dtypes, ctx.needs_input_grad[1])
         return grad_s, grad_t, None, None, None, None, None
