@@ -105,8 +105,9 @@ def element(div: int, lP, lQ, ab_alpha: float, ab_beta: float, partials: bool = 
 def mixture_log(lp, lq, lam, a: float):
     """Unnormalized log of the alpha-mixture ``(lam p^a + (1-lam) q^a)^(1/a)``; ``a == 0`` geometric.
 
-    Evaluated as ``l_base + log1p(w_other * expm1(a (l_other - l_base))) / a`` with the base
-    chosen so that the expm1 argument is <= 0: no overflow, no cancellation as ``a -> 0``.
+    Evaluated as ``l_base + log(w_base + w_other e^y) / a`` with ``y = a (l_other - l_base) <= 0``
+    (the base chosen so: no overflow): as ``log1p(w_other * expm1(y))`` while that argument is
+    >= -1/2 (no cancellation as ``a -> 0``), else as ``logaddexp(log w_base, log w_other + y)``.
     """
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if a == 0:
@@ -118,9 +119,15 @@ def mixture_log(lp, lq, lam, a: float):
     lp_ = torch.where(both, zero, lp)
     lq_ = torch.where(both, zero, lq)
     on_q = a * (lp_ - lq_) <= 0
-    from_q = lq_ + torch.log1p(lam * torch.expm1(a * (lp_ - lq_))) / a
-    from_p = lp_ + torch.log1p((1 - lam) * torch.expm1(a * (lq_ - lp_))) / a
-    out = torch.where(on_q, from_q, from_p)
+    base = torch.where(on_q, lq_, lp_)
+    y = a * (torch.where(on_q, lp_, lq_) - base)
+    z = torch.where(on_q, lam, 1 - lam) * torch.expm1(y)
+    # NB: 1 + z loses the digits of w_base + w_other e^y once z nears -1 (a weight near 0 or 1
+    # and a far smaller other side: in fp32, lam = 0 made r~ = 0 where q / p < e^-17); there
+    # |log| >= log 2 and the sum is taken in log space instead.
+    log_lam, log_1m_lam = torch.log(lam), torch.log1p(-lam)
+    in_logs = torch.logaddexp(torch.where(on_q, log_1m_lam, log_lam), torch.where(on_q, log_lam, log_1m_lam) + y)
+    out = base + torch.where(z >= -0.5, torch.log1p(z), in_logs) / a
     return torch.where(both, torch.full_like(lp, NEG_INF), out)
 
 
