@@ -556,21 +556,23 @@ struct Logs {
   }
 };
 
-// xs = s / T, xt = t / T at one entry.
-template <class V, class F>
+// xs = s / T, xt = t / T at one entry. MIX: the mixture kind when the caller knows it at compile
+// time (kernels specialize on it), else -1 (read from c.mix).
+template <int MIX = -1, class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at(const RowConsts<F>& c, V xs, V xt) {
   const V ninf(neg_inf<F>());
+  const int mix = MIX >= 0 ? MIX : c.mix;
   Logs<V> L;
   L.lq = xs - V(c.lse_s);
   L.lp = xt - V(c.lse_t);
   L.lr = L.lr_tilde = ninf;
-  if (c.mix == MIX_GEOMETRIC) {
+  if (mix == MIX_GEOMETRIC) {
     // lr = g - LSE(g); a mixture that is 0 everywhere stays 0 (log_z = -inf)
     V g = geometric_mix(xt, xs, c.lam);
     L.lr = c.log_z == neg_inf<F>() ? ninf : g - V(c.log_z);
-  } else if (c.mix == MIX_ARITHMETIC) {
+  } else if (mix == MIX_ARITHMETIC) {
     L.lr = L.lr_tilde = arithmetic_mix(L.lp, L.lq, c.log_lam, c.log_1m_lam);  // Z = 1
-  } else if (c.mix == MIX_ALPHA) {
+  } else if (mix == MIX_ALPHA) {
     L.lr_tilde = alpha_mix(L.lp, L.lq, c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a);
     L.lr = c.log_z == neg_inf<F>() ? L.lr_tilde : L.lr_tilde - V(c.log_z);
   }

@@ -7,8 +7,44 @@ import warnings
 import torch
 
 
+_ISA_CPU_FLAGS = {  # what the CPU must have for each KDPLUG_CPU_ISA the extension may be built with
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "bmi2"),
+    "avx2": ("avx2", "fma", "f16c", "bmi2"),
+}
+
+
+def _isa_problem() -> str | None:
+    """Why this CPU cannot run the SIMD level kdplug._C was compiled for (setup.py records it)."""
+    try:
+        from . import _build_config
+    except ImportError:
+        return None
+    needed = _ISA_CPU_FLAGS.get(getattr(_build_config, "CPU_ISA", "none"), ())
+    if not needed:
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:  # not Linux: ask torch what it detected
+        capability = torch.backends.cpu.get_cpu_capability()
+        ok = capability == "AVX512" or (capability == "AVX2" and _build_config.CPU_ISA == "avx2")
+        missing = () if ok else needed
+    else:
+        missing = tuple(flag for flag in needed if flag not in flags)
+    if missing:
+        return (f"kdplug._C was compiled for {_build_config.CPU_ISA.upper()} but this CPU lacks "
+                f"{', '.join(missing)}; rebuild it on this machine (pip install --no-build-isolation -e .) "
+                "or with KDPLUG_CPU_ISA=avx2 or none")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
+    problem = _isa_problem()  # checked first: loading it anyway would die of an illegal instruction
+    if problem is not None:
+        return None, problem
     try:
         from . import _C  # noqa: F401  (registers torch.ops.kdplug.* as a side effect)
     except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _extension, _torch_impl
+from . import _extension, _ops, _torch_impl
 from ._pack import params_tensor, structure_and_consts
 from ._registry import REGISTRY
 from .spec import Method, Recipe, Schedule, Split
@@ -183,7 +183,19 @@ class KDLoss(nn.Module):
         token_weights = None
         if recipe.token_weights is not None:
             token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask)
-        # The compiled core arrives with the next layer; the PyTorch path evaluates every recipe.
+        # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
+        # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
+        if self.backend != "torch":
+            reason = _ops.why_cannot_run(student_rows, teacher_rows)
+            if reason is None:
+                return _ops.recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask,
+                                        structure, consts)
+            if self.backend == "compiled":
+                raise RuntimeError(f"kdplug: backend='compiled' was requested but the compiled core cannot "
+                                   f"run here: {reason}")
+            # NB: every reason warns, "teacher_logits requires grad" included: the usual cause is a
+            # teacher forward without torch.no_grad(), which also costs its activations' memory.
+            _extension.warn_fallback(reason)
         return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
                                             structure, consts)
 

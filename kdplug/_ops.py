@@ -1,0 +1,128 @@
+"""The compiled core as PyTorch sees it: fake kernels, autograd, and the entry point KDLoss uses.
+
+``torch.ops.kdplug.divergence_fwd`` / ``divergence_bwd`` are defined in C++ (``csrc/kdplug.cpp``,
+schemas and their documentation). Here, registered only when the extension loaded (so that
+``import kdplug`` works without it):
+
+- fake kernels, so that ``torch.compile`` / ``torch.export`` can trace the ops;
+- autograd for ``divergence_fwd``: its backward is the ``divergence_bwd`` op (itself not
+  differentiable: no double backward through the compiled core);
+
+and, always:
+
+- :func:`why_cannot_run`: why the compiled path cannot take given logits (None when it can);
+- :func:`recipe_loss`: the compiled twin of ``kdplug._torch_impl.RecipeLoss.apply``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _extension
+
+__all__ = ["N_STATS", "recipe_loss", "why_cannot_run"]
+
+N_STATS = 5  # row_stats columns (csrc/kdplug_math.h, enum Stat)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Decided once at import: a plain module constant is what torch.compile can guard on.
+HAS_OPS: bool = _extension.has_ops()
+DEVICES: frozenset[str] = frozenset(_extension.build_info().get("backends", ())) if HAS_OPS else frozenset()
+
+
+def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> str | None:
+    """Why the compiled ops cannot evaluate these ``[N, V]`` logits, or None if they can.
+
+    Only static facts (whether the ops exist, device, dtype, ``requires_grad``, strides) decide,
+    so the answer is guardable under ``torch.compile`` without a graph break.
+    """
+    if not HAS_OPS:
+        return _extension.why_not() or "the compiled ops are not available"
+    device = student_rows.device.type
+    if device not in DEVICES:
+        return (f"the compiled core has no kernel for device {device!r} "
+                f"(this build has: {', '.join(sorted(DEVICES))})")
+    if student_rows.dtype not in DTYPES:
+        return f"the compiled core does not take {student_rows.dtype} logits (float32, float64, bfloat16, float16)"
+    if teacher_rows.dtype != student_rows.dtype:
+        return (f"student_logits ({student_rows.dtype}) and teacher_logits ({teacher_rows.dtype}) have different "
+                "dtypes (the compiled core takes one dtype; cast one of them)")
+    if teacher_rows.requires_grad:
+        return ("teacher_logits requires grad and the compiled core differentiates w.r.t. the student only "
+                "(detach the teacher's logits, or compute them under torch.no_grad())")
+    if student_rows.shape[-1] > 1 and (student_rows.stride(-1) != 1 or teacher_rows.stride(-1) != 1):
+        return "the logits' last dimension is not contiguous (stride != 1)"
+    return None
+
+
+def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: torch.Tensor,
+                token_weights: torch.Tensor | None, row_mask: torch.Tensor, structure: Sequence[int],
+                consts: Sequence[float]) -> torch.Tensor:
+    """Per-token loss ``[N]`` of a packed recipe on the compiled core.
+
+    Same arguments, values and gradient as ``kdplug._torch_impl.RecipeLoss.apply`` (layout in its
+    docstring): differentiable w.r.t. ``student_rows`` only. Check :func:`why_cannot_run` first.
+    """
+    if token_weights is not None:
+        token_weights = token_weights.detach().to(torch.float64).contiguous()
+    loss, _ = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params.to(torch.float64),
+                                              token_weights, row_mask, list(structure), list(consts))
+    return loss
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if HAS_OPS:
+    @torch.library.register_fake("kdplug::divergence_fwd")
+    def _divergence_fwd_fake(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
+        torch._check(student_logits.dim() == 2, lambda: "kdplug: student_logits must be [N, V]")
+        torch._check(teacher_logits.shape == student_logits.shape,
+                     lambda: "kdplug: student_logits and teacher_logits must have the same shape")
+        torch._check(teacher_logits.dtype == student_logits.dtype,
+                     lambda: "kdplug: student_logits and teacher_logits must have the same dtype")
+        n_terms = structure[3]
+        torch._check(params.dim() == 1 and params.shape[0] == 2 + n_terms,
+                     lambda: "kdplug: params must be [T, lam, weight * n_terms]")
+        torch._check(row_mask.dim() == 1 and row_mask.shape[0] == student_logits.shape[0],
+                     lambda: "kdplug: row_mask must be [N]")
+        if token_weights is not None:
+            torch._check(token_weights.shape == (student_logits.shape[0], n_terms),
+                         lambda: "kdplug: token_weights must be [N, n_terms]")
+        dtype = _compute_dtype(student_logits.dtype)
+        n = student_logits.shape[0]
+        return student_logits.new_empty((n,), dtype=dtype), student_logits.new_empty((n, N_STATS), dtype=dtype)
+
+    @torch.library.register_fake("kdplug::divergence_bwd")
+    def _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
+                             structure, consts):
+        torch._check(student_logits.dim() == 2, lambda: "kdplug: student_logits must be [N, V]")
+        torch._check(teacher_logits.shape == student_logits.shape,
+                     lambda: "kdplug: student_logits and teacher_logits must have the same shape")
+        torch._check(grad_loss.shape == (student_logits.shape[0],), lambda: "kdplug: grad_loss must be [N]")
+        torch._check(row_stats.shape == (student_logits.shape[0], N_STATS),
+                     lambda: f"kdplug: row_stats must be [N, {N_STATS}]")
+        return student_logits.new_empty(student_logits.shape)
+
+    def _setup_context(ctx, inputs, output):
+        student_logits, teacher_logits, params, token_weights, row_mask, structure, consts = inputs
+        _, row_stats = output
+        ctx.save_for_backward(student_logits, teacher_logits, params, token_weights, row_mask, row_stats)
+        ctx.structure, ctx.consts = structure, consts
+        ctx.mark_non_differentiable(row_stats)
+
+    def _backward(ctx, grad_loss, _grad_row_stats):
+        student_logits, teacher_logits, params, token_weights, row_mask, row_stats = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
+                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = torch.ops.kdplug.divergence_bwd(
+                grad_loss.to(_compute_dtype(student_logits.dtype)), student_logits, teacher_logits, params,
+                token_weights, row_mask, row_stats, ctx.structure, ctx.consts)
+        return grad_student, None, None, None, None, None, None
+
+    torch.library.register_autograd("kdplug::divergence_fwd", _backward, setup_context=_setup_context)
