@@ -17,8 +17,9 @@ def structure_and_consts(recipe: Recipe, inf_policy: str) -> tuple[tuple[int, ..
     assistant = recipe.assistant
     structure = [POLICY_CODE[inf_policy], int(assistant is not None),
                  int(assistant is not None and assistant.detach), len(recipe.terms)]
-    # alpha >= 1 is the geometric mixture (AMiD's convention); it reaches the core as exactly 1.
-    alpha = 1.0 if assistant is None else min(assistant.alpha, 1.0)
+    # alpha = 1 is the geometric mixture, alpha > 1 a power mean (AMiD's plugin maps alpha >= 1
+    # to 1 unless asked for the power mean).
+    alpha = 1.0 if assistant is None else assistant.alpha
     consts = [alpha]
     for term in recipe.terms:
         structure += [OPERAND_CODE[term.lhs], OPERAND_CODE[term.rhs], DIVERGENCE_CODE[term.divergence]]

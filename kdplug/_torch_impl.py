@@ -46,11 +46,12 @@ def _ab_elem(l_big, x, c: float, d: float):
     """AB element ``-(M**k / d) [phi(x, c) - phi(x, k)]`` and its limits (see the math header)."""
     k = c + d
     if d != 0:
-        out = -(_pow(l_big, k) / d) * (_phi(x, c) - _phi(x, k))
+        # NB: M^k may underflow to 0 while the bracket is infinite (x = -inf): select 0.
+        out = _mul0(_pow(l_big, k), -(_phi(x, c) - _phi(x, k)) / d)
     elif c != 0:
         # x * exp(c x) -> 0 as x -> -inf
         xe = torch.where(torch.isinf(x), torch.zeros_like(x), x * torch.exp(c * x))
-        out = _pow(l_big, c) * (c * xe - torch.expm1(c * x)) / (c * c)
+        out = _mul0(_pow(l_big, c), (c * xe - torch.expm1(c * x)) / (c * c))
     else:
         out = 0.5 * x * x
     return out
@@ -128,6 +129,8 @@ def mixture_log(lp, lq, lam, a: float):
     log_lam, log_1m_lam = torch.log(lam), torch.log1p(-lam)
     in_logs = torch.logaddexp(torch.where(on_q, log_1m_lam, log_lam), torch.where(on_q, log_lam, log_1m_lam) + y)
     out = base + torch.where(z >= -0.5, torch.log1p(z), in_logs) / a
+    # NB: lam = 0 and 1 are q and p exactly; for a < 0 the formula would give 0 * inf there.
+    out = torch.where(lam == 0, lq, torch.where(lam == 1, lp, out))
     return torch.where(both, torch.full_like(lp, NEG_INF), out)
 
 
@@ -137,7 +140,9 @@ def _mixture_weight(l_side, l_mix, side_weight, a: float):
     if a == 0:
         w = side_weight.expand_as(l_side) if torch.is_tensor(side_weight) else torch.full_like(l_side, side_weight)
     else:
-        w = side_weight * torch.exp(a * (l_side - torch.where(l_mix == NEG_INF, zero, l_mix)))
+        # NB: a zero weight (lam = 0 or 1) gives 0 even where (side / r~)^a overflows.
+        w = _mul0(side_weight * torch.ones_like(l_side),
+                  torch.exp(a * (l_side - torch.where(l_mix == NEG_INF, zero, l_mix))))
     return torch.where(l_side == NEG_INF, zero, w)
 
 
@@ -158,7 +163,7 @@ class _Rows:
         self.policy, self.has_assistant, self.detach, alpha, self.terms = _decode(structure, consts)
         params = params.to(lq.dtype)
         self.T, self.lam, self.weights = params[0], params[1], params[2:]
-        self.a = (1.0 - alpha) / 2.0 if alpha < 1.0 else 0.0  # alpha >= 1 arrives as 1 (geometric)
+        self.a = (1.0 - alpha) / 2.0  # 0: the geometric mixture; < 0: a power mean (alpha > 1)
         # Under "exclude", an entry where either logit is +-inf is dropped (+inf never gets here).
         self.keep = (lq != NEG_INF) & (lp != NEG_INF) if self.policy == EXCLUDE else None
 
@@ -181,7 +186,7 @@ class _Rows:
         policy, has_assistant, detach, alpha, terms = _decode(structure, consts)
         lr = lr_tilde = None
         if has_assistant:
-            a = (1.0 - alpha) / 2.0 if alpha < 1.0 else 0.0
+            a = (1.0 - alpha) / 2.0
             lr_tilde = mixture_log(lp, lq, params[1].to(dtype), a)
             if a == 1.0:  # arithmetic mixture: already normalized
                 lr = lr_tilde
