@@ -28,6 +28,8 @@ COMMANDS = {
     "list": "kdplug._cmd_list",
     "info": "kdplug._cmd_info",
     "bench": "kdplug._cmd_bench",
+    "toy": "kdplug._cmd_toy",
+    "distill": "kdplug._cmd_distill",
 }
 
 
