@@ -36,6 +36,14 @@
 
 #include "vec_ops.h"
 
+// Inlines the lambdas of the row loops into the loop (GCC and Clang do not always; a call per
+// SIMD pack costs more than the pack's math).
+#if defined(__GNUC__) || defined(__clang__)
+#define KDPLUG_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define KDPLUG_LAMBDA_INLINE
+#endif
+
 namespace kdplug {
 namespace cpu {
 namespace {
@@ -52,6 +60,19 @@ struct PackIO {  // float, double
   using Vec = Vectorized<F>;
   static KDPLUG_INLINE Vec load(const scalar_t* p) { return Vec::loadu(p); }
   static KDPLUG_INLINE void store(scalar_t* p, Vec v) { v.store(p); }
+  // A non-temporal store (p aligned to the pack size): the gradient is written once and not read
+  // back, so it should not evict the rows being read nor cost a read-for-ownership of its lines.
+  static KDPLUG_INLINE void stream(scalar_t* p, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_stream_pd(p, v);
+    }
+#else
+    v.store(p);
+#endif
+  }
 };
 
 template <class scalar_t>
@@ -72,6 +93,17 @@ struct ReducedIO {  // BFloat16, Half: fp32 math
     }
 #else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+#endif
+  }
+  static KDPLUG_INLINE void stream(scalar_t* p, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(v));
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(v));
+    }
+#else
+    store(p, v);
 #endif
   }
 };
@@ -206,7 +238,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
 
     // pass 1: the normalizers
     VecLse<F> ls, lt, lg;
-    row.each([&](int64_t, Vec xs, Vec xt) {
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       ls.add(xs);
       lt.add(xt);
       if constexpr (MIX == MIX_GEOMETRIC) lg.add(geometric_mix(xt, xs, c.lam));
@@ -227,7 +259,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // pass 2: the alpha-mixture's normalizer
     if constexpr (MIX == MIX_ALPHA) {
       VecLse<F> lz;
-      row.each([&](int64_t, Vec xs, Vec xt) { lz.add(logs_at<MIX>(c, xs, xt).lr_tilde); });
+      row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE { lz.add(logs_at<MIX>(c, xs, xt).lr_tilde); });
       c.log_z = lz.value();
     }
 
@@ -238,7 +270,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     double e_tot[kMaxTerms] = {};
     double h_q = 0, h_r = 0, w_h_r = 0, w_r = 0;
     int packs = 0;
-    auto fold = [&]() {
+    auto fold = [&]() KDPLUG_LAMBDA_INLINE {
       for (int i = 0; i < c.n_terms; ++i) {
         e_tot[i] += hsum(e_acc[i]);
         e_acc[i] = Vec(F(0));
@@ -250,7 +282,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
       packs = 0;
     };
-    row.each([&](int64_t, Vec xs, Vec xt) {
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
       const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
       stats_at(c, L, h, &acc);
@@ -266,6 +298,179 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     st_out[STAT_LOG_Z] = c.log_z;
     st_out[STAT_H_R] = static_cast<F>(h_r);
     st_out[STAT_U] = static_cast<F>(h_q + w_h_r - h_r * w_r);
+  }
+}
+
+// ---- forward, one pass: "logit-space" recipes ----------------------------------------------------
+// When every operand is a softmax of a logit vector (p of t/T, q of s/T, or a detached geometric
+// mixture r of g = lam t/T + (1 - lam) s/T) and every term is KL or CE, the loss is linear in each
+// operand's softmax weights, so it streams in the same pass as the log-sum-exps (one read of each
+// row, no second pass). With w_k = exp(a_k - m_A) the running weights of the lhs A (the very
+// exps the LSE of A sums, so the loss costs no extra transcendental):
+//
+//   KL(A||B) = (1/Z_A) sum_k w_k (a_k - b_k) - (lse_A - lse_B) (1/Z_A) sum_k w_k
+//   CE(A||B) = -(1/Z_A) sum_k w_k b_k + lse_B (1/Z_A) sum_k w_k
+//
+// (a, b the operands' logits, Z_A = sum_k w_k, lse_A = m_A + log Z_A). The zero rules become masks:
+// entries with a = -inf add nothing (w = 0); an entry with a finite and b = -inf is the support
+// mismatch: the term is +inf and the entry is left out of every sum (its partials are dropped by
+// the non-finite rule); "exclude" drops entries where s or t is -inf. The sums behind U:
+//   lhs = q (KL):  sum of the finite dP = Q (lq - lB + 1):   the finite loss + sum_ok Q
+//   rhs = q:       sum of dQ = -P_A over kept entries (mismatches included: dQ is finite there)
+// Same values as the 2-pass path up to rounding (tests compare both to the PyTorch path).
+bool fused_eligible(const RecipeDesc& d) {
+  if (!(d.mix == MIX_NONE || (d.mix == MIX_GEOMETRIC && d.detach))) return false;
+  if (d.n_terms > 2) return false;
+  for (int i = 0; i < d.n_terms; ++i)
+    if (d.div[i] != KL && d.div[i] != CE) return false;
+  return true;
+}
+
+template <class F>
+struct LaneSums {  // one term's per-lane sums, relative to the running max of its lhs
+  Vectorized<F> f, s, tq;
+};
+
+template <class scalar_t, bool GEO, int NT>
+void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats,
+                        int64_t begin, int64_t end, std::atomic<int64_t>* bad_row) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  constexpr int NX = GEO ? 3 : 2;  // operand slots: TEACHER (t), STUDENT (s), ASSISTANT (g)
+  const Vec zero(F(0)), ninf(neg_inf<F>());
+  for (int64_t n = begin; n < end; ++n) {
+    F* st_out = stats + n * kStats;
+    if (!a.row_mask[n * a.mask_stride]) {
+      loss[n] = F(0);
+      for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+      continue;
+    }
+    RowConsts<F> c;
+    init_row(a.desc, a.params, a.token_weights, n, &c);
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+    int lhs[NT], rhs[NT];
+    bool kl[NT];
+    for (int i = 0; i < NT; ++i) {
+      lhs[i] = c.lhs[i];
+      rhs[i] = c.rhs[i];
+      kl[i] = c.div[i] == KL;
+    }
+    Vec m[NX], z[NX], zt[NX];
+    LaneSums<F> cur[NT], tot[NT];
+    for (int x = 0; x < NX; ++x) {
+      m[x] = Vec(std::numeric_limits<F>::lowest());
+      z[x] = zt[x] = zero;
+    }
+    for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
+    bool mismatch[NT] = {};
+    int packs = 0;
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      Vec x[NX], w[NX];
+      x[TEACHER] = xt;
+      x[STUDENT] = xs;
+      if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
+      for (int k = 0; k < NX; ++k) {
+        if (C10_UNLIKELY(O::any(O::gt(x[k], m[k])))) {
+          const Vec m2 = O::max(m[k], x[k]);
+          const Vec f = O::exp(m[k] - m2);
+          z[k] = z[k] * f;
+          zt[k] = zt[k] * f;
+          for (int i = 0; i < NT; ++i)
+            if (lhs[i] == k) {
+              cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
+              tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
+            }
+          m[k] = m2;
+        }
+        w[k] = O::exp(x[k] - m[k]);
+        z[k] = z[k] + w[k];
+      }
+      const auto keep = keep_at(c, xs, xt);
+      for (int i = 0; i < NT; ++i) {
+        const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
+        const auto b_zero = O::eq(xb, ninf);
+        const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
+        const auto live = O::land(keep, O::lnot(b_zero));  // a = -inf: w = 0 adds nothing
+        if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
+        // select before multiply: a - b or b may be -inf / NaN where w = 0 or b = -inf
+        cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
+        cur[i].s = cur[i].s + O::select(live, wa, zero);
+        if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
+      }
+      if (++packs == 64) {
+        for (int k = 0; k < NX; ++k) {
+          zt[k] = zt[k] + z[k];
+          z[k] = zero;
+        }
+        for (int i = 0; i < NT; ++i) {
+          tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
+          cur[i] = LaneSums<F>{zero, zero, zero};
+        }
+        packs = 0;
+      }
+    });
+    // lanes -> row: each operand's max M, and every lane's sums rescaled by exp(m_lane - M)
+    alignas(64) F ms[NX][W], zs[NX][W];
+    F lse[NX];
+    double Z[NX], scale[NX][W];
+    for (int k = 0; k < NX; ++k) {
+      m[k].store(ms[k]);
+      (zt[k] + z[k]).store(zs[k]);
+      OnlineLse<F> acc;
+      for (int l = 0; l < W; ++l) acc.merge(ms[k][l], zs[k][l]);
+      lse[k] = acc.value();
+      Z[k] = 0;
+      for (int l = 0; l < W; ++l) {
+        // lanes whose max never left its initial value hold no weight
+        scale[k][l] = zs[k][l] == F(0) ? 0.0 : std::exp(static_cast<double>(ms[k][l]) - static_cast<double>(acc.m));
+        Z[k] += static_cast<double>(zs[k][l]) * scale[k][l];
+      }
+    }
+    c.lse_t = lse[TEACHER];
+    c.lse_s = lse[STUDENT];
+    if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+      int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
+      int64_t prev = bad_row->load();
+      while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
+      }
+      loss[n] = F(0);
+      continue;
+    }
+    if constexpr (GEO) c.log_z = lse[ASSISTANT];
+    double total = 0, U = 0;
+    for (int i = 0; i < NT; ++i) {
+      const int A = lhs[i];
+      alignas(64) F fs[W], ss[W], ts[W];
+      (tot[i].f + cur[i].f).store(fs);
+      (tot[i].s + cur[i].s).store(ss);
+      (tot[i].tq + cur[i].tq).store(ts);
+      double Fi = 0, Si = 0, Ti = 0;
+      for (int l = 0; l < W; ++l) {
+        Fi += fs[l] * scale[A][l];
+        Si += ss[l] * scale[A][l];
+        Ti += ts[l] * scale[A][l];
+      }
+      const double coef = c.coef[i];
+      if (Z[A] == 0.0 || coef == 0.0) continue;  // an operand that is 0 everywhere: e = 0
+      Fi /= Z[A];
+      Si /= Z[A];
+      Ti /= Z[A];
+      const double lse_b = lse[rhs[i]];
+      // (Si == 0: no entry where both sides are positive; then Fi == 0 too and lse_b may be -inf)
+      const double finite_sum =
+          Si == 0.0 ? 0.0 : kl[i] ? Fi - (static_cast<double>(lse[A]) - lse_b) * Si : -Fi + lse_b * Si;
+      total += coef * (mismatch[i] ? std::numeric_limits<double>::infinity() : finite_sum);
+      if (A == STUDENT) U += coef * (finite_sum + Si);
+      if (rhs[i] == STUDENT) U -= coef * Ti;
+    }
+    loss[n] = static_cast<F>(total);
+    st_out[STAT_LSE_S] = c.lse_s;
+    st_out[STAT_LSE_T] = c.lse_t;
+    st_out[STAT_LOG_Z] = c.log_z;
+    st_out[STAT_H_R] = F(0);
+    st_out[STAT_U] = static_cast<F>(U);
   }
 }
 
@@ -292,12 +497,17 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
     c.log_z = st[STAT_LOG_Z];
     const F H_r = st[STAT_H_R], U = st[STAT_U];
     const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
-    row.each([&](int64_t k, Vec xs, Vec xt) {
+    const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
+    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
       const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
       const Vec gk = grad_at(c, L, h, H_r, U, scale);
       if (k + W <= a.V) {
-        IO::store(g + k, gk);
+        if (aligned) {
+          IO::stream(g + k, gk);
+        } else {
+          IO::store(g + k, gk);
+        }
       } else {
         alignas(64) scalar_t tail[W];
         IO::store(tail, gk);
@@ -305,6 +515,9 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
       }
     });
   }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // order the non-temporal stores before the results are handed over
+#endif
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
@@ -430,6 +643,20 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_
     const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
     F* loss_p = loss.data_ptr<F>();
     F* stats_p = row_stats.data_ptr<F>();
+    if (fused_eligible(d) && !std::getenv("KDPLUG_NO_FUSED")) {
+      auto run = [&](auto geo, auto nt) {
+        at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+          forward_rows_fused<scalar_t, decltype(geo)::value, decltype(nt)::value>(a, loss_p, stats_p, begin, end,
+                                                                                  &bad_row);
+        });
+      };
+      const bool geo = d.mix == MIX_GEOMETRIC;
+      if (geo && d.n_terms == 1) run(std::true_type{}, std::integral_constant<int, 1>{});
+      if (geo && d.n_terms == 2) run(std::true_type{}, std::integral_constant<int, 2>{});
+      if (!geo && d.n_terms == 1) run(std::false_type{}, std::integral_constant<int, 1>{});
+      if (!geo && d.n_terms == 2) run(std::false_type{}, std::integral_constant<int, 2>{});
+      return;
+    }
     dispatch_mix(d.mix, [&](auto mix) {
       at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
         forward_rows<scalar_t, decltype(mix)::value>(a, loss_p, stats_p, begin, end, &bad_row);

@@ -1,0 +1,421 @@
+"""The compiled core (torch.ops.kdplug.*) against the PyTorch path, its executable specification.
+
+Every built-in method (and a few settings of each) runs through both backends on the same inputs;
+per-token losses and gradients must agree: fp64 to ~1e-10, fp32 to fp32 rounding, bf16 / fp16
+(fp32 math on both paths) to one rounding of the gradient's dtype. Plus: odd shapes, strided rows,
+-inf patterns under both inf policies, masked rows holding NaN, opcheck, gradcheck, fallbacks, a
+third-party recipe, and torch.compile of a training step.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import types
+import warnings
+
+import pytest
+import torch
+
+import kdplug
+from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
+from kdplug._pack import params_tensor, structure_and_consts
+
+pytestmark = pytest.mark.skipif(not _ops.HAS_OPS, reason=f"compiled core not built: {_extension.why_not()}")
+
+NINF = float("-inf")
+
+# A few settings per method: limits, alternative forms, each mixture kind. A built-in method
+# missing here is still tested with its defaults.
+VARIANTS = {
+    "fkl": [{}, {"form": "ce"}],
+    "rkl": [{}],
+    "symmetric_kl": [{}, {"lam": 0.3, "form": "ce"}],
+    "tvd": [{}],
+    "gjsd": [{}, {"beta": 0.1, "normalized": True}, {"beta": 0.0}],
+    "skl": [{}, {"alpha": 0.0}, {"form": "ce"}],
+    "srkl": [{}, {"detach_mixture": True}, {"alpha": 0.0}],
+    "abkd": [{}, {"alpha": 0.0, "beta": 0.7}, {"alpha": 1.0, "beta": 0.0}, {"alpha": 0.0, "beta": 0.0}],
+    "akl": [{}, {"variant": "kdflow"}],
+    "taid": [{}, {"value": "kl", "t_start": 1.0}],
+    "amid": [{}, {"alpha": -1.0, "order": "qr"}, {"alpha": 1.0, "divergence": "kl"},
+             {"alpha": -3.0, "divergence": "kl", "order": "rq"}, {"alpha": 0.5, "lam": 0.0, "order": "rp"},
+             {"alpha": 0.9, "lam": 1.0, "order": "pr"}],
+    "distillm2": [{}, {"alpha_1": 0.0, "alpha_2": 0.3}],
+}
+METHODS = sorted(m.name for m in kdplug.list_methods())
+CASES = [(name, params) for name in METHODS for params in VARIANTS.get(name, [{}])]
+CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
+
+# dtype -> (loss rtol, loss atol, grad rtol, grad atol relative to the largest gradient entry)
+TOL = {
+    torch.float64: (1e-9, 1e-11, 1e-8, 1e-11),
+    torch.float32: (3e-5, 3e-6, 1e-4, 3e-6),
+    torch.bfloat16: (3e-5, 3e-6, 1.6e-2, 1e-2),
+    torch.float16: (3e-5, 3e-6, 2e-3, 2e-3),
+}
+
+
+def make_logits(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    t[..., : min(3, shape[-1])] += 8  # a few confident entries
+    s = 0.7 * t + torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
+    return s.to(dtype), t.to(dtype)
+
+
+def evaluate(name, params, s, t, backend, *, mask=None, inf_policy="exact", temperature=1.7, grad_out=None):
+    """Per-token loss (reduction "none") and the gradient of sum(grad_out * loss) w.r.t. s."""
+    loss_fn = kdplug.get(name, backend=backend, temperature=temperature, inf_policy=inf_policy,
+                         reduction="none", **params)
+    s = s.detach().clone().requires_grad_()
+    extra = {}
+    if name == "distillm2":
+        extra["student_generated"] = torch.arange(s.shape[0]) % 2 == 0
+    out = loss_fn(s, t, mask=mask, **extra)
+    if grad_out is None:
+        grad_out = torch.linspace(-1.5, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * grad_out).sum().backward()
+    return out.detach(), s.grad
+
+
+def assert_match(name, params, s, t, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback on the compiled side
+        out_c, grad_c = evaluate(name, params, s, t, "compiled", **kw)
+    out_t, grad_t = evaluate(name, params, s, t, "torch", **kw)
+    lr, la, gr, ga = TOL[s.dtype]
+    assert out_c.dtype == out_t.dtype and grad_c.dtype == grad_t.dtype == s.dtype
+    assert not torch.isnan(out_c).any() and torch.isfinite(grad_c.double()).all()
+    torch.testing.assert_close(out_c, out_t, rtol=lr, atol=la, msg=lambda m: f"{name}({params}) loss: {m}")
+    scale = grad_t.double().abs().max().item() or 1.0
+    torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=gr, atol=ga * scale,
+                               msg=lambda m: f"{name}({params}) gradient: {m}")
+    return out_c, grad_c
+
+
+# ---- the sweep -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_matches_torch_path(name, params, dtype):
+    s, t = make_logits((4, 3, 37), dtype)
+    assert_match(name, params, s, t)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (3, 17), (2, 129), (1, 2, 1000)], ids=str)
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "skl", "abkd", "amid", "taid"])
+def test_odd_shapes(name, shape):
+    s, t = make_logits(shape, torch.float32, seed=1)
+    assert_match(name, {}, s, t)
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("symmetric_kl", {}), ("amid", {"alpha": 0.5}),
+                                         ("skl", {}), ("taid", {})])
+def test_strided_rows(name, params):
+    """Rows of a wider tensor (row stride > V) and a student whose rows are not evenly spaced."""
+    wide_s, wide_t = make_logits((6, 70), torch.float32, seed=2)
+    s, t = wide_s[:, 5:56], wide_t[:, 3:54]
+    assert s.stride(0) == 70 and not s.is_contiguous()
+    out_c, grad_c = assert_match(name, params, s, t)
+    out_d, grad_d = evaluate(name, params, s.contiguous(), t.contiguous(), "compiled")
+    torch.testing.assert_close(out_c, out_d, rtol=0, atol=0)  # same math whatever the strides
+    torch.testing.assert_close(grad_c, grad_d, rtol=0, atol=0)
+
+
+def inf_patterns(dtype):
+    """Rows with shared (padded-vocabulary) -inf, teacher-only and student-only -inf entries."""
+    s, t = make_logits((5, 23), dtype, seed=3)
+    s[:, -3:] = NINF
+    t[:, -3:] = NINF  # shared
+    t[1, 4] = NINF   # teacher-only: reverse KL's support mismatch
+    s[2, 5] = NINF   # student-only: forward KL's support mismatch
+    t[3, 6] = NINF
+    s[3, 7] = NINF   # both kinds in one row
+    s[4, :10] = NINF
+    t[4, :10] = NINF  # a row that is mostly padding
+    return s, t
+
+
+@pytest.mark.parametrize("inf_policy", ["exact", "exclude"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_inf_patterns(name, params, dtype, inf_policy):
+    s, t = inf_patterns(dtype)
+    out, grad = assert_match(name, params, s, t, inf_policy=inf_policy)
+    assert (grad[s == NINF] == 0).all(), "gradient at a -inf student logit"
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_masked_rows_are_never_read(name, params):
+    s, t = make_logits((3, 4, 29), torch.float32, seed=4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3] = False
+    s[0, 1] = float("nan")
+    t[2, 3] = float("nan")
+    s[2, 3] = NINF
+    out, grad = assert_match(name, params, s, t, mask=mask)
+    assert (out[~mask] == 0).all() and (grad[~mask] == 0).all()
+
+
+def test_unmasked_dead_rows_raise():
+    s, t = make_logits((3, 11), torch.float32)
+    loss_fn = kdplug.get("fkl", backend="compiled")
+    bad_s = s.clone()
+    bad_s[1] = NINF
+    with pytest.raises(RuntimeError, match="student_logits has a row that is not masked but is all -inf"):
+        loss_fn(bad_s, t)
+    bad_t = t.clone()
+    bad_t[2, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="teacher_logits has a row"):
+        loss_fn(s, bad_t)
+    loss_fn(bad_s, t, mask=torch.tensor([True, False, True]))  # masked: fine
+
+
+def test_zero_incoming_gradient_is_exactly_zero():
+    """A token whose loss is +inf still gets an exactly-zero gradient when its weight is 0."""
+    s, t = inf_patterns(torch.float32)
+    grad_out = torch.ones(5)
+    grad_out[2] = 0  # row 2 has forward KL = +inf
+    for backend in ("compiled", "torch"):
+        out, grad = evaluate("fkl", {}, s, t, backend, grad_out=grad_out)
+        assert out[2] == float("inf")
+        assert (grad[2] == 0).all() and torch.isfinite(grad).all()
+
+
+def test_one_pass_forward_matches_two_pass(monkeypatch):
+    """The one-pass forward of logit-space recipes (FKL, RKL, TAID, ...) against the generic one."""
+    s, t = inf_patterns(torch.float32)
+    cases = [("fkl", {}), ("fkl", {"form": "ce"}), ("rkl", {}), ("symmetric_kl", {}), ("akl", {}),
+             ("taid", {}), ("taid", {"t_start": 1.0, "value": "kl"})]
+    for inf_policy in ("exact", "exclude"):
+        for name, params in cases:
+            fused = evaluate(name, params, s, t, "compiled", inf_policy=inf_policy)
+            monkeypatch.setenv("KDPLUG_NO_FUSED", "1")
+            generic = evaluate(name, params, s, t, "compiled", inf_policy=inf_policy)
+            monkeypatch.delenv("KDPLUG_NO_FUSED")
+            torch.testing.assert_close(fused[0], generic[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fused[1], generic[1], rtol=1e-4, atol=1e-7)
+
+
+def test_deterministic_across_thread_counts():
+    s, t = make_logits((64, 300), torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(evaluate("amid", {}, s, t, "compiled"))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+# ---- the ops themselves ----------------------------------------------------------------------------
+def packed(name, **params):
+    loss_fn = kdplug.get(name, **params)
+    recipe = loss_fn.recipe if not hasattr(loss_fn.recipe, "if_true") else loss_fn.recipe.if_false
+    structure, consts = structure_and_consts(recipe, "exact")
+    values = loss_fn.schedule.value() if loss_fn.schedule is not None else {}
+    return recipe, list(structure), list(consts), params_tensor(recipe, 1.3, values, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("amid", {"alpha": 0.5}), ("akl", {}), ("taid", {}),
+                                         ("abkd", {"alpha": 0.0, "beta": 0.5})])
+def test_opcheck(name, params):
+    _, structure, consts, p = packed(name, **params)
+    s, t = make_logits((5, 19), torch.float64, seed=6)
+    mask = torch.tensor([True, True, False, True, True])
+    tw = torch.rand(5, structure[3], dtype=torch.float64) if name == "akl" else None
+    s.requires_grad_()
+    torch.library.opcheck(torch.ops.kdplug.divergence_fwd.default, (s, t, p, tw, mask, structure, consts))
+    _, stats = torch.ops.kdplug.divergence_fwd(s.detach(), t, p, tw, mask, structure, consts)
+    g = torch.randn(5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.kdplug.divergence_bwd.default,
+                          (g, s.detach(), t, p, tw, mask, stats, structure, consts))
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("rkl", {}), ("symmetric_kl", {}), ("tvd", {}),
+                                         ("skl", {}), ("gjsd", {}), ("abkd", {}), ("amid", {"alpha": 0.5}),
+                                         ("amid", {"alpha": 1.0, "order": "qr"})])
+def test_gradcheck(name, params):
+    """float64 through the op, for recipes whose assistant is not detached (a detached assistant is
+    by design not the derivative)."""
+    _, structure, consts, p = packed(name, **params)
+    s, t = make_logits((3, 9), torch.float64, seed=7)
+    s[0, 2] = t[0, 2] = NINF
+    mask = torch.tensor([True, True, False])
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: _ops.recipe_loss(x, t, p, None, mask, structure, consts), (s,))
+
+
+def test_output_dtypes_and_row_stats():
+    _, structure, consts, p = packed("skl")
+    for dtype, compute in [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                           (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        s, t = make_logits((4, 33), dtype)
+        loss, stats = torch.ops.kdplug.divergence_fwd(s, t, p, None, torch.ones(4, dtype=torch.bool), structure,
+                                                      consts)
+        assert loss.dtype == stats.dtype == compute and stats.shape == (4, _ops.N_STATS)
+        lse_s = torch.logsumexp(s.double() / 1.3, -1)
+        torch.testing.assert_close(stats[:, 0].double(), lse_s, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_raise():
+    _, structure, consts, p = packed("fkl")
+    s, t = make_logits((2, 5), torch.float32)
+    m = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.kdplug.divergence_fwd(s, t.double(), p, None, m, structure, consts)
+    with pytest.raises(RuntimeError, match="invalid packed recipe"):
+        torch.ops.kdplug.divergence_fwd(s, t, p, None, m, structure[:4], consts)
+    with pytest.raises(RuntimeError, match="params must be"):
+        torch.ops.kdplug.divergence_fwd(s, t, p.float(), None, m, structure, consts)
+
+
+def test_build_info():
+    info = _extension.build_info()
+    for key in ("backends", "simd", "cuda_archs", "compiler", "torch_built_against", "threads"):
+        assert key in info, key
+    assert "cpu" in info["backends"] and isinstance(info["simd"], str)
+    assert info["torch_built_against"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+# ---- fallbacks -------------------------------------------------------------------------------------
+@pytest.fixture
+def no_extension(monkeypatch):
+    reason = "the compiled extension kdplug._C could not be loaded (test)"
+    monkeypatch.setattr(_ops, "HAS_OPS", False)
+    monkeypatch.setattr(_extension, "has_ops", lambda: False)
+    monkeypatch.setattr(_extension, "why_not", lambda: reason)
+    _extension.warn_fallback.cache_clear()
+    yield reason
+    _extension.warn_fallback.cache_clear()
+
+
+def test_auto_falls_back_with_one_warning(no_extension):
+    s, t = make_logits((2, 3, 11))
+    loss_fn = kdplug.get("skl")
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        a = loss_fn(s, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = loss_fn(s, t)  # once per reason
+    torch.testing.assert_close(a, kdplug.get("skl", backend="torch")(s, t))
+    assert torch.equal(a, b)
+
+
+def test_compiled_raises_without_extension(no_extension):
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        kdplug.get("fkl", backend="compiled")
+
+
+@pytest.mark.parametrize("what", ["teacher_grad", "dtypes", "stride"])
+def test_fallback_reasons(what):
+    _extension.warn_fallback.cache_clear()
+    s, t = make_logits((3, 13))
+    if what == "teacher_grad":
+        t = t.clone().requires_grad_()
+        match = "teacher_logits requires grad"
+    elif what == "dtypes":
+        t = t.double()
+        match = "different dtypes"
+    else:
+        s, t = s.t().contiguous().t(), t.t().contiguous().t()
+        match = "not contiguous"
+    with pytest.raises(RuntimeError, match=match):
+        kdplug.get("fkl", backend="compiled")(s, t)
+    with pytest.warns(RuntimeWarning, match=match):
+        out = kdplug.get("fkl")(s, t)
+    torch.testing.assert_close(out, kdplug.get("fkl", backend="torch")(s, t))
+    if what == "teacher_grad":  # the PyTorch path differentiates w.r.t. the teacher
+        out.backward()
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    _extension.warn_fallback.cache_clear()
+
+
+# ---- a third-party recipe on the compiled path -----------------------------------------------------
+def jeffreys(w: float = 0.5) -> Recipe:
+    """w KL(p||q) + (1 - w) KL(q||p)."""
+    return Recipe((Term("teacher", "student", weight=w), Term("student", "teacher", weight=1.0 - w)))
+
+
+def blend(w: float = 0.5) -> Recipe:
+    """Three terms of three kinds: exercises the generic (two-pass) forward."""
+    return Recipe((Term("teacher", "student", weight=w), Term("teacher", "student", "tvd", weight=0.2),
+                   Term("student", "teacher", "ab", weight=0.3, ab_alpha=0.5, ab_beta=0.5)))
+
+
+class _Dist:
+    def __init__(self, name, version):
+        self.name, self.version = name, version
+
+
+class _EntryPoint:
+    group = "kdplug"
+
+    def __init__(self, name, module):
+        self.name, self.value, self._module = name, module.__name__, module
+        self.dist = _Dist("kdplug-test-thirdparty", "1.0")
+
+    def load(self):
+        return self._module
+
+
+@pytest.fixture
+def third_party(monkeypatch, fresh_registry):
+    module = types.ModuleType("kdplug_test_thirdparty")
+
+    @kdplug.hookimpl
+    def register_methods(register):
+        register(Method("jeffreys_test", build=jeffreys, summary="Jeffreys divergence"))
+        register(Method("blend_test", build=blend))
+
+    module.register_methods = register_methods
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kwargs):
+        found = list(real(**kwargs))
+        if kwargs.get("group") == "kdplug":
+            found.append(_EntryPoint("thirdparty_test", module))
+        return found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    return fresh_registry
+
+
+def test_third_party_recipe_runs_compiled(third_party):
+    s, t = inf_patterns(torch.float32)
+    t[1, 4] = 0.0  # keep reverse KL finite
+    out, grad = assert_match("jeffreys_test", {"w": 0.3}, s, t)
+    fkl, _ = evaluate("fkl", {}, s, t, "torch")
+    rkl, _ = evaluate("rkl", {}, s, t, "torch")
+    finite = torch.isfinite(fkl) & torch.isfinite(rkl)
+    torch.testing.assert_close(out[finite], (0.3 * fkl + 0.7 * rkl)[finite], rtol=1e-5, atol=1e-6)
+    assert_match("blend_test", {"w": 0.4}, *make_logits((3, 41), torch.float32))
+    assert_match("blend_test", {}, s, t, inf_policy="exclude")
+
+
+# ---- torch.compile --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", METHODS)
+def test_torch_compile_training_step(name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 48)
+    x = torch.randn(2, 5, 16)
+    teacher = torch.randn(2, 5, 48) * 2
+    labels = torch.randint(0, 48, (2, 5))
+    labels[0, 0] = -100
+    loss_fn = kdplug.get(name, backend="compiled", temperature=1.5)
+    extra = {"student_generated": torch.tensor([True, False])} if name == "distillm2" else {}
+
+    def step(x, teacher, labels):
+        return loss_fn(head(x), teacher, labels=labels, **extra)
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        head.zero_grad()
+        loss = fn(x, teacher, labels)
+        loss.backward()
+        results.append((loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()))
+    for compiled, eager in zip(results[0], results[1]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
