@@ -1,6 +1,7 @@
 """``KDLoss``: masks, temperature, reductions and state around one method."""
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -8,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _extension, _ops, _torch_impl
+from . import _extension, _ops, _topk, _torch_impl
+from ._topk import TopK
 from ._pack import params_tensor, structure_and_consts
 from ._registry import REGISTRY
 from .spec import Method, Recipe, Schedule, Split
@@ -16,10 +18,12 @@ from .spec import Method, Recipe, Schedule, Split
 REDUCTIONS = ("mean", "sum", "none", "batchmean", "sequence")
 INF_POLICIES = ("exact", "exclude")
 BACKENDS = ("auto", "compiled", "torch")
+VOCAB_ALIGN = (None, "truncate", "pad")
 
 
 def get(name: str, *, temperature: float = 1.0, reduction: str | None = None, t2_scale: bool = False,
-        inf_policy: str = "exact", backend: str = "auto", **method_params: Any) -> KDLoss:
+        inf_policy: str = "exact", backend: str = "auto", vocab_align: str | None = None,
+        **method_params: Any) -> KDLoss:
     """Build the loss module for a registered method.
 
     Args:
@@ -35,11 +39,15 @@ def get(name: str, *, temperature: float = 1.0, reduction: str | None = None, t2
             (DistiLLM's masking: a vocabulary entry where either logit is infinite is dropped).
         backend: ``"auto"`` (compiled core when it can run, else PyTorch), ``"compiled"``
             (raise if it cannot run) or ``"torch"``.
+        vocab_align: what to do when the two vocabularies differ in size (padded vocabularies,
+            e.g. 151936 vs 152064): ``None`` raises naming both sizes; ``"truncate"`` drops the
+            larger one's extra columns; ``"pad"`` pads the smaller one with ``-inf`` columns
+            (probability 0, never zeros).
         **method_params: the method's own parameters (``kdplug list`` shows them).
     """
     method = REGISTRY.lookup(name)
     return KDLoss(method, temperature=temperature, reduction=reduction, t2_scale=t2_scale,
-                  inf_policy=inf_policy, backend=backend, **method_params)
+                  inf_policy=inf_policy, backend=backend, vocab_align=vocab_align, **method_params)
 
 
 def _bind(method: Method, params: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +80,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, method: Method, *, temperature: float = 1.0, reduction: str | None = None,
                  t2_scale: bool = False, inf_policy: str = "exact", backend: str = "auto",
-                 **method_params: Any):
+                 vocab_align: str | None = None, **method_params: Any):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature <= 0:
@@ -83,6 +91,9 @@ class KDLoss(nn.Module):
             raise ValueError(f"kdplug.get: inf_policy must be one of {INF_POLICIES}, got {inf_policy!r}")
         if backend not in BACKENDS:
             raise ValueError(f"kdplug.get: backend must be one of {BACKENDS}, got {backend!r}")
+        if vocab_align not in VOCAB_ALIGN:
+            raise ValueError(f"kdplug.get: vocab_align must be one of {VOCAB_ALIGN}, got {vocab_align!r}")
+        self.vocab_align = vocab_align
         self.method = method
         self.params = _bind(method, method_params)
         self.temperature = float(temperature)
@@ -147,12 +158,28 @@ class KDLoss(nn.Module):
                 mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
                 **extra: Any) -> torch.Tensor:
-        lead, vocab = _check_logits(student_logits, teacher_logits)
-        token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
-        student_rows = student_logits.reshape(-1, vocab)
-        teacher_rows = teacher_logits.reshape(-1, vocab)
-        row_mask = token_mask.reshape(-1)
+        temperature = self.temperature
+        if isinstance(teacher_logits, TopK):
+            lead, vocab = _check_logits(student_logits, None)
+            if tuple(teacher_logits.shape[:-1]) != lead:
+                raise ValueError(f"kdplug: the TopK teacher has leading shape {tuple(teacher_logits.shape[:-1])}, "
+                                 f"student_logits has {lead}")
+            token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
+            row_mask = token_mask.reshape(-1)
+            # Short rows of log-probabilities at the teacher's ids (plus the tail bucket): the
+            # temperature is already applied.
+            student_rows, teacher_rows = _topk.rows(student_logits.reshape(-1, vocab), teacher_logits,
+                                                    temperature, vocab, row_mask)
+            temperature = 1.0
+        else:
+            student_logits, teacher_logits = _align_vocab(student_logits, teacher_logits, self.vocab_align)
+            lead, vocab = _check_logits(student_logits, teacher_logits)
+            token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
+            student_rows = student_logits.reshape(-1, vocab)
+            teacher_rows = teacher_logits.reshape(-1, vocab)
+            row_mask = token_mask.reshape(-1)
         values = self.schedule.value() if self.schedule is not None else {}
+        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values)
 
         if isinstance(self.recipe, Split):
             flags = extra.pop(self.recipe.by, None)
@@ -161,10 +188,10 @@ class KDLoss(nn.Module):
                                 f"(a bool per sequence, shape [{lead[0] if lead else 1}])")
             flags = _sequence_flags(flags, self.recipe.by, lead, student_logits.device)
             on = row_mask & flags.reshape(-1)
-            per_token = (self._evaluate(self.recipe.if_false, student_rows, teacher_rows, row_mask & ~on, values)
-                         + self._evaluate(self.recipe.if_true, student_rows, teacher_rows, on, values))
+            per_token = (evaluate(self.recipe.if_false, student_rows, teacher_rows, row_mask & ~on)
+                         + evaluate(self.recipe.if_true, student_rows, teacher_rows, on))
         else:
-            per_token = self._evaluate(self.recipe, student_rows, teacher_rows, row_mask, values)
+            per_token = evaluate(self.recipe, student_rows, teacher_rows, row_mask)
         if extra:
             raise TypeError(f"kdplug: {self.method.name} got unexpected keyword argument(s) "
                             f"{', '.join(sorted(extra))}")
@@ -175,14 +202,14 @@ class KDLoss(nn.Module):
             self.schedule.on_forward(loss.detach())
         return loss
 
-    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, values):
+    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, *, temperature, values):
         if recipe is None:  # a torch_loss-only method
-            return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask)
+            return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask, temperature)
         structure, consts = self._static[id(recipe)]
-        params = params_tensor(recipe, self.temperature, values, student_rows.device)
+        params = params_tensor(recipe, temperature, values, student_rows.device)
         token_weights = None
         if recipe.token_weights is not None:
-            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask)
+            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature)
         # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
         # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
         if self.backend != "torch":
@@ -199,24 +226,25 @@ class KDLoss(nn.Module):
         return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
                                             structure, consts)
 
-    def _log_probs(self, logits, row_mask, grad: bool):
+    @staticmethod
+    def _log_probs(logits, row_mask, temperature, grad: bool):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         x = logits if grad else logits.detach()
         x = torch.where(row_mask[:, None], x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
-        return torch.log_softmax(x / self.temperature, dim=-1)
+        return torch.log_softmax(x / temperature, dim=-1)
 
-    def _token_weights(self, recipe, student_rows, teacher_rows, row_mask):
+    def _token_weights(self, recipe, student_rows, teacher_rows, row_mask, temperature):
         with torch.no_grad():
-            weights = recipe.token_weights(self._log_probs(teacher_rows, row_mask, False),
-                                           self._log_probs(student_rows, row_mask, False))
+            weights = recipe.token_weights(self._log_probs(teacher_rows, row_mask, temperature, False),
+                                           self._log_probs(student_rows, row_mask, temperature, False))
         if weights.shape != (student_rows.shape[0], len(recipe.terms)):
             raise RuntimeError(f"method {self.method.name!r}: token_weights returned shape "
                                f"{tuple(weights.shape)}, expected {(student_rows.shape[0], len(recipe.terms))}")
         return weights.detach()
 
-    def _evaluate_torch_loss(self, student_rows, teacher_rows, row_mask):
-        log_q = self._log_probs(student_rows, row_mask, True)
-        log_p = self._log_probs(teacher_rows, row_mask, True)
+    def _evaluate_torch_loss(self, student_rows, teacher_rows, row_mask, temperature):
+        log_q = self._log_probs(student_rows, row_mask, temperature, True)
+        log_p = self._log_probs(teacher_rows, row_mask, temperature, True)
         per_token = self.method.torch_loss(log_p, log_q, **self.params)
         if per_token.shape != row_mask.shape:
             raise RuntimeError(f"method {self.method.name!r}: torch_loss returned shape "
@@ -224,17 +252,42 @@ class KDLoss(nn.Module):
         return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
 
 
+def _align_vocab(student_logits, teacher_logits, vocab_align):
+    if vocab_align is None or not isinstance(student_logits, torch.Tensor) \
+            or not isinstance(teacher_logits, torch.Tensor) or student_logits.dim() == 0 \
+            or teacher_logits.dim() == 0:
+        return student_logits, teacher_logits
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vs == vt:
+        return student_logits, teacher_logits
+    if vocab_align == "truncate":
+        v = min(vs, vt)
+        return student_logits[..., :v], teacher_logits[..., :v]
+    # "pad": the missing columns are vocabulary entries of probability 0 (never logit 0).
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, v - x.shape[-1]), value=float("-inf"))  # noqa: E731
+    v = max(vs, vt)
+    return pad(student_logits, v), pad(teacher_logits, v)
+
+
 def _check_logits(student_logits, teacher_logits):
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+    """Validates the logits (``teacher_logits=None``: a sparse teacher); returns (leading shape, V)."""
+    if teacher_logits is None:
+        pairs = (("student_logits", student_logits),)
+    else:
+        pairs = (("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    for name, x in pairs:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"kdplug: {name} must be a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"kdplug: {name} must be a floating-point tensor [..., V], got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] == 0:
             raise ValueError(f"kdplug: {name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if teacher_logits is None:
+        return tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"kdplug: vocabulary sizes differ: student_logits has V={student_logits.shape[-1]}, "
-                         f"teacher_logits has V={teacher_logits.shape[-1]}")
+                         f"teacher_logits has V={teacher_logits.shape[-1]}; pass vocab_align='truncate' or "
+                         "'pad' to kdplug.get if the extra entries are padding")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"kdplug: student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
