@@ -158,44 +158,122 @@ class KDLoss(nn.Module):
                 mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
                 **extra: Any) -> torch.Tensor:
-        temperature = self.temperature
         if isinstance(teacher_logits, TopK):
             lead, vocab = _check_logits(student_logits, None)
-            if tuple(teacher_logits.shape[:-1]) != lead:
-                raise ValueError(f"kdplug: the TopK teacher has leading shape {tuple(teacher_logits.shape[:-1])}, "
-                                 f"student_logits has {lead}")
-            token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
-            row_mask = token_mask.reshape(-1)
-            # Short rows of log-probabilities at the teacher's ids (plus the tail bucket): the
-            # temperature is already applied.
-            student_rows, teacher_rows = _topk.rows(student_logits.reshape(-1, vocab), teacher_logits,
-                                                    temperature, vocab, row_mask)
-            temperature = 1.0
+            _check_topk(teacher_logits, lead)
+            teacher = teacher_logits
         else:
             student_logits, teacher_logits = _align_vocab(student_logits, teacher_logits, self.vocab_align)
             lead, vocab = _check_logits(student_logits, teacher_logits)
-            token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
-            student_rows = student_logits.reshape(-1, vocab)
-            teacher_rows = teacher_logits.reshape(-1, vocab)
-            row_mask = token_mask.reshape(-1)
-        values = self.schedule.value() if self.schedule is not None else {}
-        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values)
+            teacher = teacher_logits.reshape(-1, vocab)
+        token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
+        flags = self._route_flags(extra, lead, student_logits.device)
+        per_token = self._per_token(student_logits.reshape(-1, vocab), teacher, token_mask.reshape(-1), flags)
+        return self._finish(per_token.reshape(lead), token_mask, num_items)
 
+    def fused(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+              student_bias: torch.Tensor | None = None, *, teacher, mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, ignore_index: int = -100,
+              num_items: int | torch.Tensor | None = None, chunk_size: int | None = None,
+              memory_budget: int = 256 << 20, **extra: Any) -> torch.Tensor:
+        """The loss of ``student_hidden @ student_weight.T (+ student_bias)`` without the logits.
+
+        Args:
+            student_hidden: ``[..., H]``, the last hidden states (aligned with the teacher).
+            student_weight: ``[V, H]``, the student's lm_head weight; ``student_bias``: ``[V]``.
+            teacher: dense logits ``[..., V]``, a ``(hidden [..., H_t], weight [V, H_t][, bias])``
+                tuple (the teacher's logits are then made chunk by chunk too, without gradient),
+                or a :class:`kdplug.TopK`.
+            chunk_size: tokens per chunk; by default as many as fit ``memory_budget`` bytes for a
+                chunk's student logits, teacher logits and gradient (fp32).
+            mask, labels, ignore_index, num_items, extra: as for the unfused call.
+
+        Returns the reduced loss (any reduction but ``"none"``), differentiable w.r.t. the hidden
+        states, the weight and the bias: same result as computing the logits and calling the loss.
+        """
+        if self.reduction == "none":
+            raise ValueError("kdplug: fused() needs a scalar reduction (mean, sum, batchmean, sequence); "
+                             "reduction='none' would keep a value per token to back-propagate")
+        for name, x, dims in (("student_hidden", student_hidden, None), ("student_weight", student_weight, 2)):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 \
+                    or (dims is not None and x.dim() != dims):
+                raise TypeError(f"kdplug: {name} must be a floating-point tensor "
+                                f"{'[V, H]' if dims else '[..., H]'}")
+        vocab, width = student_weight.shape
+        if student_hidden.shape[-1] != width:
+            raise ValueError(f"kdplug: student_hidden has H={student_hidden.shape[-1]} but student_weight is "
+                             f"{tuple(student_weight.shape)} ([V, H])")
+        if student_bias is not None and tuple(student_bias.shape) != (vocab,):
+            raise ValueError(f"kdplug: student_bias must have shape [{vocab}], got {tuple(student_bias.shape)}")
+        lead = tuple(student_hidden.shape[:-1])
+        if isinstance(teacher, TopK):
+            _check_topk(teacher, lead)
+            teacher_rows, teacher_vocab = teacher, vocab
+        elif isinstance(teacher, (tuple, list)):
+            if len(teacher) not in (2, 3) or tuple(teacher[0].shape[:-1]) != lead:
+                raise ValueError("kdplug: teacher=(hidden [..., H_t], weight [V_t, H_t][, bias]) with the "
+                                 "student's leading shape")
+            teacher_rows = (teacher[0].reshape(-1, teacher[0].shape[-1]), teacher[1],
+                            teacher[2] if len(teacher) == 3 else None)
+            teacher_vocab = teacher[1].shape[0]
+        elif isinstance(teacher, torch.Tensor):
+            if tuple(teacher.shape[:-1]) != lead:
+                raise ValueError(f"kdplug: teacher logits {tuple(teacher.shape)} must have the student's "
+                                 f"leading shape {lead}")
+            teacher_rows, teacher_vocab = teacher.reshape(-1, teacher.shape[-1]), teacher.shape[-1]
+        else:
+            raise TypeError("kdplug: teacher must be logits, a (hidden, weight[, bias]) tuple or a kdplug.TopK")
+        if teacher_vocab != vocab and self.vocab_align is None:
+            raise ValueError(f"kdplug: vocabulary sizes differ: the student's lm_head has V={vocab}, the "
+                             f"teacher's V={teacher_vocab}; pass vocab_align='truncate' or 'pad' to kdplug.get")
+        token_mask = _token_mask(mask, labels, ignore_index, lead, student_hidden.device)
+        flags = self._route_flags(extra, lead, student_hidden.device)
+        coef = _reduction_weights(token_mask, self.reduction, num_items)
+        from ._fused import FusedLMHead, chunk_rows_for
+        chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab)) if chunk_size is None else chunk_size
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"kdplug: chunk_size must be a positive int, got {chunk_size!r}")
+        align = functools.partial(_align_vocab, vocab_align=self.vocab_align)
+        loss = FusedLMHead.apply(self, align, coef.reshape(-1), token_mask.reshape(-1), flags, teacher_rows,
+                                 chunk_rows, student_hidden.reshape(-1, width), student_weight, student_bias)
+        if self.t2_scale:
+            loss = loss * (self.temperature ** 2)
+        if self.schedule is not None:
+            self.schedule.on_forward(loss.detach())
+        return loss
+
+    def _route_flags(self, extra, lead, device):
+        """The per-token route of a Split method ([N] bool, from a flag per sequence), else None."""
+        flags = None
         if isinstance(self.recipe, Split):
             flags = extra.pop(self.recipe.by, None)
             if flags is None:
                 raise TypeError(f"kdplug: method {self.method.name!r} needs {self.recipe.by}= "
                                 f"(a bool per sequence, shape [{lead[0] if lead else 1}])")
-            flags = _sequence_flags(flags, self.recipe.by, lead, student_logits.device)
-            on = row_mask & flags.reshape(-1)
-            per_token = (evaluate(self.recipe.if_false, student_rows, teacher_rows, row_mask & ~on)
-                         + evaluate(self.recipe.if_true, student_rows, teacher_rows, on))
-        else:
-            per_token = evaluate(self.recipe, student_rows, teacher_rows, row_mask)
+            flags = _sequence_flags(flags, self.recipe.by, lead, device).reshape(-1)
         if extra:
             raise TypeError(f"kdplug: {self.method.name} got unexpected keyword argument(s) "
                             f"{', '.join(sorted(extra))}")
-        loss = _reduce(per_token.reshape(lead), token_mask, self.reduction, num_items)
+        return flags
+
+    def _per_token(self, student_rows, teacher, row_mask, flags):
+        """Per-token loss [N] of student rows [N, V] against teacher rows [N, V] or a TopK."""
+        temperature = self.temperature
+        if isinstance(teacher, TopK):
+            # Short rows of log-probabilities at the teacher's ids (plus the tail bucket), with
+            # the temperature already applied.
+            student_rows, teacher = _topk.rows(student_rows, teacher, temperature, student_rows.shape[-1], row_mask)
+            temperature = 1.0
+        values = self.schedule.value() if self.schedule is not None else {}
+        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values)
+        if flags is not None:
+            on = row_mask & flags
+            return (evaluate(self.recipe.if_false, student_rows, teacher, row_mask & ~on)
+                    + evaluate(self.recipe.if_true, student_rows, teacher, on))
+        return evaluate(self.recipe, student_rows, teacher, row_mask)
+
+    def _finish(self, per_token, token_mask, num_items):
+        loss = _reduce(per_token, token_mask, self.reduction, num_items)
         if self.t2_scale:
             loss = loss * (self.temperature ** 2)
         if self.schedule is not None:
@@ -252,7 +330,7 @@ class KDLoss(nn.Module):
         return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
 
 
-def _align_vocab(student_logits, teacher_logits, vocab_align):
+def _align_vocab(student_logits, teacher_logits, vocab_align=None):
     if vocab_align is None or not isinstance(student_logits, torch.Tensor) \
             or not isinstance(teacher_logits, torch.Tensor) or student_logits.dim() == 0 \
             or teacher_logits.dim() == 0:
@@ -267,6 +345,12 @@ def _align_vocab(student_logits, teacher_logits, vocab_align):
     pad = lambda x, v: torch.nn.functional.pad(x, (0, v - x.shape[-1]), value=float("-inf"))  # noqa: E731
     v = max(vs, vt)
     return pad(student_logits, v), pad(teacher_logits, v)
+
+
+def _check_topk(topk, lead):
+    if tuple(topk.shape[:-1]) != lead:
+        raise ValueError(f"kdplug: the TopK teacher has leading shape {tuple(topk.shape[:-1])}, "
+                         f"student_logits has {lead}")
 
 
 def _check_logits(student_logits, teacher_logits):
@@ -324,6 +408,27 @@ def _sequence_flags(flags, name, lead, device):
         raise ValueError(f"kdplug: {name} has shape {tuple(flags.shape)}, expected one value per sequence "
                          f"{lead[:1]}")
     return flags.bool().reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+
+
+def _reduction_weights(token_mask, reduction, num_items):
+    """``w`` with ``_reduce(x) == (x * w).sum()`` for the scalar reductions (the leading shape)."""
+    ones = token_mask.to(torch.float64)
+    if reduction == "sum":
+        if num_items is not None:
+            raise ValueError("kdplug: num_items is used by reduction 'mean', 'batchmean' and 'sequence' only")
+        return ones
+    if num_items is not None:
+        denominator = torch.as_tensor(num_items, device=ones.device).to(torch.float64).clamp_min(1)
+    elif reduction == "mean":
+        denominator = ones.sum().clamp_min(1)
+    else:
+        if ones.dim() == 0:
+            raise ValueError(f"kdplug: reduction={reduction!r} needs a batch dimension [B, ..., H]")
+        denominator = ones.shape[0]
+    if reduction == "sequence" and ones.dim() > 1:
+        per_sequence = ones.sum(dim=tuple(range(1, ones.dim())), keepdim=True).clamp_min(1)
+        return ones / per_sequence / denominator
+    return ones / denominator
 
 
 def _reduce(per_token, token_mask, reduction, num_items):
