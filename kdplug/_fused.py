@@ -112,5 +112,7 @@ class FusedLMHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        # NB: scaled in place: these buffers become the gradients (no second weight-sized copy);
+        # the graph is not retained past this backward.
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
         return (None,) * 7 + tuple(grads)  # autograd casts each to its input's dtype

@@ -175,7 +175,7 @@ class KDLoss(nn.Module):
               student_bias: torch.Tensor | None = None, *, teacher, mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, ignore_index: int = -100,
               num_items: int | torch.Tensor | None = None, chunk_size: int | None = None,
-              memory_budget: int = 256 << 20, **extra: Any) -> torch.Tensor:
+              memory_budget: int = 128 << 20, **extra: Any) -> torch.Tensor:
         """The loss of ``student_hidden @ student_weight.T (+ student_bias)`` without the logits.
 
         Args:
