@@ -95,7 +95,8 @@ def extensions():
     sources = (["csrc/kdplug.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-fast-math: the kernels rely on IEEE infinities and NaN (the zero-probability rules).
-    cxx += ["-fopenmp", "-fno-fast-math", "-fvisibility=hidden"] + ISA_FLAGS[isa]
+    # (-Wno-maybe-uninitialized: GCC 12 false positives inside its own AVX-512 intrinsics headers)
+    cxx += ["-fopenmp", "-fno-fast-math", "-fvisibility=hidden", "-Wno-maybe-uninitialized"] + ISA_FLAGS[isa]
     define_macros = []
     extension = CppExtension
     kwargs = {}

@@ -110,14 +110,14 @@ KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 
-// log1p(z): u = 1 + z rounded, c = (z - (u - 1)) / u the rounding's first-order correction
-// (Goldberg), log u = e ln 2 + log m with m = u / 2^e in [sqrt(1/2), sqrt(2)) (getexp/getmant),
+// log1p(z): u = 1 + z rounded, c = (z - (u - 1)) / u the rounding's first-order correction, log u = e ln 2 + log m with m = u / 2^e in [sqrt(1/2), sqrt(2)) (getexp/getmant),
 // log m = f - f^2/2 + f^3 P(f), f = m - 1, the Cephes logf polynomial (~1 ulp).
 // z = -1 -> -inf, z = +inf -> +inf, z < -1 or NaN -> NaN.
 KDPLUG_INLINE __m512 log1p_ps(__m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 u = _mm512_add_ps(one, z);
-  const __m512 c = _mm512_div_ps(_mm512_sub_ps(z, _mm512_sub_ps(u, one)), u);
+  // (c is below one ulp of log u, so a 14-bit reciprocal is plenty: no division)
+  const __m512 c = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u));
   __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);  // [1, 2)
   __m512 e = _mm512_getexp_ps(u);
   const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);

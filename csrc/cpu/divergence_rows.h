@@ -1,0 +1,623 @@
+// The CPU row loops of kdplug::divergence_fwd / divergence_bwd (included by rows_<dtype>.cpp).
+//
+// Rows run in parallel (at::parallel_for; a row is always computed by one thread, in a fixed
+// order, so results do not depend on the thread count). Inside a row, SIMD packs of
+// at::vec::Vectorized<F> (F = float, or double for float64 logits) go through the math of
+// csrc/kdplug_math.h lane-wise (Ops<Vectorized<F>> in vec_ops.h). A row pair at V = 128k fp32 is
+// 1 MB and stays in L2, so the passes after the first read cache, not memory.
+//
+// Passes (a pass reads both logit rows once):
+//   forward, logit-space recipes (every operand p, q or a detached geometric r; KL / CE terms:
+//            fkl, rkl, symmetric_kl, akl, taid): ONE pass, the loss streamed with the online
+//            log-sum-exps (forward_rows_fused)
+//   forward, any other recipe (forward_rows):
+//            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
+//            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z)
+//            3. the elements: per-term loss sums and the sums behind U and H^r (row_stats)
+//   backward ONE pass: grad = scale (u - q U) / T, written once with non-temporal stores; rows
+//            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
+// The single-term recipes of the built-in methods also get instances with the term fixed at
+// compile time (dispatch_recipe); every other recipe runs the same loops with its terms read at
+// run time.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "divergence_cpu.h"
+#include "vec_ops.h"
+
+// Inlines the lambdas of the row loops into the loop (GCC and Clang do not always; a call per
+// SIMD pack costs more than the pack's math).
+#if defined(__GNUC__) || defined(__clang__)
+#define KDPLUG_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define KDPLUG_LAMBDA_INLINE
+#endif
+
+namespace kdplug {
+namespace cpu {
+namespace detail {
+
+using namespace kdplug::math;
+
+// ---- loading and storing one SIMD pack of logits in the compute type ---------------------------
+template <class scalar_t>
+struct PackIO {  // float, double
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  static KDPLUG_INLINE Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  static KDPLUG_INLINE void store(scalar_t* p, Vec v) { v.store(p); }
+  // A non-temporal store (p aligned to the pack size): the gradient is written once and not read
+  // back, so it should not evict the rows being read nor cost a read-for-ownership of its lines.
+  static KDPLUG_INLINE void stream(scalar_t* p, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_stream_pd(p, v);
+    }
+#else
+    v.store(p);
+#endif
+  }
+};
+
+template <class scalar_t>
+struct ReducedIO {  // BFloat16, Half: fp32 math
+  using F = float;
+  using Vec = Vectorized<float>;
+  static KDPLUG_INLINE Vec load(const scalar_t* p) {
+    Vec out;
+    at::vec::load_to_float<scalar_t>(p, out);
+    return out;
+  }
+  static KDPLUG_INLINE void store(scalar_t* p, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(v));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(v));
+    }
+#else
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+#endif
+  }
+  static KDPLUG_INLINE void stream(scalar_t* p, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(v));
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(v));
+    }
+#else
+    store(p, v);
+#endif
+  }
+};
+template <>
+struct PackIO<c10::BFloat16> : ReducedIO<c10::BFloat16> {};
+template <>
+struct PackIO<c10::Half> : ReducedIO<c10::Half> {};
+
+// One row of student and teacher logits, visited pack by pack as s/T and t/T. The last, partial
+// pack is read from a copy padded with -inf on both sides: an entry that is 0 on both sides adds
+// exactly nothing to any sum (the zero rules), so the padding needs no masking downstream.
+template <class scalar_t>
+struct RowView {
+  using IO = PackIO<scalar_t>;
+  using F = typename IO::F;
+  using Vec = Vectorized<F>;
+  static constexpr int W = Vec::size();
+
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t V, main_end;
+  F inv_T;
+  alignas(64) scalar_t s_tail[W];
+  alignas(64) scalar_t t_tail[W];
+
+  RowView(const scalar_t* s_, const scalar_t* t_, int64_t V_, F inv_T_)
+      : s(s_), t(t_), V(V_), main_end(V_ - V_ % W), inv_T(inv_T_) {
+    const scalar_t ninf = static_cast<scalar_t>(-std::numeric_limits<float>::infinity());
+    for (int i = 0; i < W; ++i) {
+      s_tail[i] = main_end + i < V ? s[main_end + i] : ninf;
+      t_tail[i] = main_end + i < V ? t[main_end + i] : ninf;
+    }
+  }
+
+  // fn(k, xs, xt) for every pack, k its first column
+  template <class Fn>
+  KDPLUG_INLINE void each(Fn&& fn) const {
+    const Vec it(inv_T);
+    for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it, IO::load(t + k) * it);
+    if (main_end < V) fn(main_end, IO::load(s_tail) * it, IO::load(t_tail) * it);
+  }
+};
+
+// ---- per-lane online log-sum-exp ---------------------------------------------------------------
+// Each lane keeps its own running max m and sum z; a pack with any lane above its max rescales
+// (rare after the first packs), so the common case costs one exp per entry. z is folded into zt
+// every 64 packs (cascade summation: ~64 + V/1024 terms per partial sum instead of V/16).
+// -inf entries add exp(-inf - m) = 0 (m starts at the lowest finite value, never -inf); NaN
+// and +inf entries make the result non-finite.
+template <class F>
+struct VecLse {
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  Vec m = Vec(std::numeric_limits<F>::lowest());
+  Vec z = Vec(F(0));
+  Vec zt = Vec(F(0));
+  int n = 0;
+
+  KDPLUG_INLINE void add(Vec x) {
+    if (C10_UNLIKELY(O::any(O::gt(x, m)))) {
+      const Vec m2 = O::max(m, x);
+      const Vec f = O::exp(m - m2);
+      z = z * f;
+      zt = zt * f;
+      m = m2;
+    }
+    z = z + O::exp(x - m);
+    if (++n == 64) {
+      zt = zt + z;
+      z = Vec(F(0));
+      n = 0;
+    }
+  }
+
+  F value() const {
+    alignas(64) F ms[Vec::size()], zs[Vec::size()];
+    m.store(ms);
+    (zt + z).store(zs);
+    OnlineLse<F> acc;
+    for (int i = 0; i < Vec::size(); ++i) acc.merge(ms[i], zs[i]);
+    return acc.value();
+  }
+};
+
+template <class F>
+KDPLUG_INLINE double hsum(Vectorized<F> v) {
+  alignas(64) F a[Vectorized<F>::size()];
+  v.store(a);
+  double total = 0;
+  for (int i = 0; i < Vectorized<F>::size(); ++i) total += static_cast<double>(a[i]);
+  return total;
+}
+
+template <class F>
+KDPLUG_INLINE void init_row(const RecipeDesc& d, const double* params, const double* token_weights, int64_t n,
+                            RowConsts<F>* c) {
+  row_consts_init(d, params, token_weights ? token_weights + n * d.n_terms : static_cast<const double*>(nullptr), c);
+}
+
+// Rows per task: enough entries per task that small rows do not pay one task each.
+inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// ---- specialization on common recipes ----------------------------------------------------------
+// The row loops read the recipe's terms from RowConsts at run time (any recipe, a third-party one
+// included). For the single-term recipes of the built-in methods they are also instantiated with
+// the term fixed at compile time (SIG != 0), which lets the compiler drop the unused element
+// kinds and partials: the same code, specialized.
+constexpr int sig_of(int div, int lhs, int rhs) { return 1 + div + 4 * (lhs + 3 * rhs); }
+
+inline int signature(const RecipeDesc& d) { return d.n_terms == 1 ? sig_of(d.div[0], d.lhs[0], d.rhs[0]) : 0; }
+
+template <int SIG, class F>
+KDPLUG_INLINE void pin_terms(RowConsts<F>& c) {
+  if constexpr (SIG != 0) {
+    c.n_terms = 1;
+    c.div[0] = (SIG - 1) % 4;
+    c.lhs[0] = ((SIG - 1) / 4) % 3;
+    c.rhs[0] = (SIG - 1) / 12;
+  }
+}
+
+// fn(integral_constant<int, SIG>) for the SIG among SIGS equal to sig, else SIG = 0.
+template <int... SIGS, class Fn>
+void dispatch_sig(int sig, Fn&& fn) {
+  const bool done = ((sig == SIGS ? (fn(std::integral_constant<int, SIGS>{}), true) : false) || ...);
+  if (!done) fn(std::integral_constant<int, 0>{});
+}
+
+// Which dtypes get the specialized instances (the others run every recipe through SIG = 0):
+// float and bfloat16, the dtypes training runs in; float64 / float16 are for tests and odd cases.
+template <class scalar_t>
+constexpr bool kSpecialize = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// The specialized terms per mixture kind (built-in methods' single-term recipes).
+template <bool SPECIALIZE, class Fn>
+void dispatch_recipe(const RecipeDesc& d, Fn&& fn) {
+  const int sig = SPECIALIZE ? signature(d) : 0;
+  switch (d.mix) {
+    case MIX_NONE:  // tvd, abkd; (kl, rkl: their forward is the one-pass one)
+      dispatch_sig<sig_of(TVD, TEACHER, STUDENT), sig_of(AB, TEACHER, STUDENT), sig_of(KL, TEACHER, STUDENT),
+                   sig_of(KL, STUDENT, TEACHER), sig_of(CE, TEACHER, STUDENT)>(
+          sig, [&](auto s) { fn(std::integral_constant<int, MIX_NONE>{}, s); });
+      break;
+    case MIX_GEOMETRIC:  // taid (value ce / kl), amid alpha >= 1
+      dispatch_sig<sig_of(CE, ASSISTANT, STUDENT), sig_of(KL, ASSISTANT, STUDENT), sig_of(AB, TEACHER, ASSISTANT),
+                   sig_of(KL, TEACHER, ASSISTANT)>(
+          sig, [&](auto s) { fn(std::integral_constant<int, MIX_GEOMETRIC>{}, s); });
+      break;
+    case MIX_ARITHMETIC:  // skl, srkl, distillm2, amid alpha = -1
+      dispatch_sig<sig_of(KL, TEACHER, ASSISTANT), sig_of(KL, STUDENT, ASSISTANT), sig_of(AB, TEACHER, ASSISTANT)>(
+          sig, [&](auto s) { fn(std::integral_constant<int, MIX_ARITHMETIC>{}, s); });
+      break;
+    default:  // amid
+      dispatch_sig<sig_of(AB, TEACHER, ASSISTANT), sig_of(KL, TEACHER, ASSISTANT)>(
+          sig, [&](auto s) { fn(std::integral_constant<int, MIX_ALPHA>{}, s); });
+      break;
+  }
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+template <class scalar_t, int MIX, int SIG>
+void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, int64_t begin,
+                  int64_t end, std::atomic<int64_t>* bad_row) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  for (int64_t n = begin; n < end; ++n) {
+    F* st_out = stats + n * kStats;
+    if (!a.row_mask[n * a.mask_stride]) {  // never read
+      loss[n] = F(0);
+      for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+      continue;
+    }
+    RowConsts<F> c;
+    init_row(a.desc, a.params, a.token_weights, n, &c);
+    pin_terms<SIG>(c);
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+
+    // pass 1: the normalizers
+    VecLse<F> ls, lt, lg;
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      ls.add(xs);
+      lt.add(xt);
+      if constexpr (MIX == MIX_GEOMETRIC) lg.add(geometric_mix(xt, xs, c.lam));
+    });
+    c.lse_s = ls.value();
+    c.lse_t = lt.value();
+    if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+      // report the first bad row (deterministic whatever the thread count)
+      int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
+      int64_t prev = bad_row->load();
+      while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
+      }
+      loss[n] = F(0);
+      continue;
+    }
+    if constexpr (MIX == MIX_GEOMETRIC) c.log_z = lg.value();
+
+    // pass 2: the alpha-mixture's normalizer
+    if constexpr (MIX == MIX_ALPHA) {
+      VecLse<F> lz;
+      row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE { lz.add(logs_at<MIX>(c, xs, xt).lr_tilde); });
+      c.log_z = lz.value();
+    }
+
+    // pass 3: the elements
+    Vec e_acc[kMaxTerms];
+    for (int i = 0; i < c.n_terms; ++i) e_acc[i] = Vec(F(0));
+    StatAcc<Vec> acc{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
+    double e_tot[kMaxTerms] = {};
+    double h_q = 0, h_r = 0, w_h_r = 0, w_r = 0;
+    int packs = 0;
+    auto fold = [&]() KDPLUG_LAMBDA_INLINE {
+      for (int i = 0; i < c.n_terms; ++i) {
+        e_tot[i] += hsum(e_acc[i]);
+        e_acc[i] = Vec(F(0));
+      }
+      h_q += hsum(acc.h_q);
+      h_r += hsum(acc.h_r);
+      w_h_r += hsum(acc.w_h_r);
+      w_r += hsum(acc.w_r);
+      acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
+      packs = 0;
+    };
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+      const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
+      stats_at(c, L, h, &acc);
+      if (++packs == 64) fold();
+    });
+    fold();
+    double total = 0;
+    for (int i = 0; i < c.n_terms; ++i)
+      if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
+    loss[n] = static_cast<F>(total);
+    st_out[STAT_LSE_S] = c.lse_s;
+    st_out[STAT_LSE_T] = c.lse_t;
+    st_out[STAT_LOG_Z] = c.log_z;
+    st_out[STAT_H_R] = static_cast<F>(h_r);
+    st_out[STAT_U] = static_cast<F>(h_q + w_h_r - h_r * w_r);
+  }
+}
+
+// ---- forward, one pass: "logit-space" recipes ----------------------------------------------------
+// When every operand is a softmax of a logit vector (p of t/T, q of s/T, or a detached geometric
+// mixture r of g = lam t/T + (1 - lam) s/T) and every term is KL or CE, the loss is linear in each
+// operand's softmax weights, so it streams in the same pass as the log-sum-exps (one read of each
+// row, no second pass). With w_k = exp(a_k - m_A) the running weights of the lhs A (the very
+// exps the LSE of A sums, so the loss costs no extra transcendental):
+//
+//   KL(A||B) = (1/Z_A) sum_k w_k (a_k - b_k) - (lse_A - lse_B) (1/Z_A) sum_k w_k
+//   CE(A||B) = -(1/Z_A) sum_k w_k b_k + lse_B (1/Z_A) sum_k w_k
+//
+// (a, b the operands' logits, Z_A = sum_k w_k, lse_A = m_A + log Z_A). The zero rules become masks:
+// entries with a = -inf add nothing (w = 0); an entry with a finite and b = -inf is the support
+// mismatch: the term is +inf and the entry is left out of every sum (its partials are dropped by
+// the non-finite rule); "exclude" drops entries where s or t is -inf. The sums behind U:
+//   lhs = q (KL):  sum of the finite dP = Q (lq - lB + 1):   the finite loss + sum_ok Q
+//   rhs = q:       sum of dQ = -P_A over kept entries (mismatches included: dQ is finite there)
+// Same values as the 2-pass path up to rounding (tests compare both to the PyTorch path).
+inline bool fused_eligible(const RecipeDesc& d) {
+  if (!(d.mix == MIX_NONE || (d.mix == MIX_GEOMETRIC && d.detach))) return false;
+  if (d.n_terms > 2) return false;
+  for (int i = 0; i < d.n_terms; ++i)
+    if (d.div[i] != KL && d.div[i] != CE) return false;
+  return true;
+}
+
+template <class F>
+struct LaneSums {  // one term's per-lane sums, relative to the running max of its lhs
+  Vectorized<F> f, s, tq;
+};
+
+template <class scalar_t, bool GEO, int NT>
+void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats,
+                        int64_t begin, int64_t end, std::atomic<int64_t>* bad_row) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  constexpr int NX = GEO ? 3 : 2;  // operand slots: TEACHER (t), STUDENT (s), ASSISTANT (g)
+  const Vec zero(F(0)), ninf(neg_inf<F>());
+  for (int64_t n = begin; n < end; ++n) {
+    F* st_out = stats + n * kStats;
+    if (!a.row_mask[n * a.mask_stride]) {
+      loss[n] = F(0);
+      for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+      continue;
+    }
+    RowConsts<F> c;
+    init_row(a.desc, a.params, a.token_weights, n, &c);
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+    int lhs[NT], rhs[NT];
+    bool kl[NT];
+    for (int i = 0; i < NT; ++i) {
+      lhs[i] = c.lhs[i];
+      rhs[i] = c.rhs[i];
+      kl[i] = c.div[i] == KL;
+    }
+    Vec m[NX], z[NX], zt[NX];
+    LaneSums<F> cur[NT], tot[NT];
+    for (int x = 0; x < NX; ++x) {
+      m[x] = Vec(std::numeric_limits<F>::lowest());
+      z[x] = zt[x] = zero;
+    }
+    for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
+    bool mismatch[NT] = {};
+    int packs = 0;
+    // The teacher's log-sum-exp is needed only when a term uses p (not for TAID: r comes from the
+    // logits, lr = g - LSE(g)); otherwise the teacher row is only checked (max, NaN, +inf).
+    bool need_t = !GEO;
+    for (int i = 0; i < NT; ++i) need_t = need_t || lhs[i] == TEACHER || rhs[i] == TEACHER;
+    Vec t_max(std::numeric_limits<F>::lowest());
+    auto t_bad = O::all_false();
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      Vec x[NX], w[NX];
+      x[TEACHER] = xt;
+      x[STUDENT] = xs;
+      if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
+      for (int k = 0; k < NX; ++k) {
+        if (k == TEACHER && !need_t) {  // only the row check: max, and NaN / +inf
+          t_max = O::max(t_max, xt);
+          t_bad = O::lor(t_bad, O::lnot(O::le(xt, Vec(std::numeric_limits<F>::max()))));
+          continue;
+        }
+        if (C10_UNLIKELY(O::any(O::gt(x[k], m[k])))) {
+          const Vec m2 = O::max(m[k], x[k]);
+          const Vec f = O::exp(m[k] - m2);
+          z[k] = z[k] * f;
+          zt[k] = zt[k] * f;
+          for (int i = 0; i < NT; ++i)
+            if (lhs[i] == k) {
+              cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
+              tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
+            }
+          m[k] = m2;
+        }
+        w[k] = O::exp(x[k] - m[k]);
+        z[k] = z[k] + w[k];
+      }
+      const auto keep = keep_at(c, xs, xt);
+      for (int i = 0; i < NT; ++i) {
+        const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
+        const auto b_zero = O::eq(xb, ninf);
+        const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
+        const auto live = O::land(keep, O::lnot(b_zero));  // a = -inf: w = 0 adds nothing
+        if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
+        // select before multiply: a - b or b may be -inf / NaN where w = 0 or b = -inf
+        cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
+        cur[i].s = cur[i].s + O::select(live, wa, zero);
+        if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
+      }
+      if (++packs == 64) {
+        for (int k = 0; k < NX; ++k) {
+          zt[k] = zt[k] + z[k];
+          z[k] = zero;
+        }
+        for (int i = 0; i < NT; ++i) {
+          tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
+          cur[i] = LaneSums<F>{zero, zero, zero};
+        }
+        packs = 0;
+      }
+    });
+    // lanes -> row: each operand's max M, and every lane's sums rescaled by exp(m_lane - M)
+    alignas(64) F ms[NX][W], zs[NX][W];
+    F lse[NX];
+    double Z[NX], scale[NX][W];
+    for (int k = 0; k < NX; ++k) {
+      m[k].store(ms[k]);
+      (zt[k] + z[k]).store(zs[k]);
+      OnlineLse<F> acc;
+      for (int l = 0; l < W; ++l) acc.merge(ms[k][l], zs[k][l]);
+      lse[k] = acc.value();
+      Z[k] = 0;
+      for (int l = 0; l < W; ++l) {
+        // lanes whose max never left its initial value hold no weight
+        scale[k][l] = zs[k][l] == F(0) ? 0.0 : std::exp(static_cast<double>(ms[k][l]) - static_cast<double>(acc.m));
+        Z[k] += static_cast<double>(zs[k][l]) * scale[k][l];
+      }
+    }
+    if (!need_t) {
+      // STAT_LSE_T then holds max(t/T) (nothing reads the teacher's LSE for these recipes);
+      // -inf (all -inf) or NaN (NaN / +inf present) fail the check below
+      alignas(64) F tm[W];
+      t_max.store(tm);
+      F mx = -std::numeric_limits<F>::infinity();
+      for (int l = 0; l < W; ++l) mx = std::max(mx, tm[l]);
+      lse[TEACHER] = O::any(t_bad) ? std::numeric_limits<F>::quiet_NaN()
+                                   : mx == std::numeric_limits<F>::lowest() ? -std::numeric_limits<F>::infinity() : mx;
+    }
+    c.lse_t = lse[TEACHER];
+    c.lse_s = lse[STUDENT];
+    if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+      int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
+      int64_t prev = bad_row->load();
+      while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
+      }
+      loss[n] = F(0);
+      continue;
+    }
+    if constexpr (GEO) c.log_z = lse[ASSISTANT];
+    double total = 0, U = 0;
+    for (int i = 0; i < NT; ++i) {
+      const int A = lhs[i];
+      alignas(64) F fs[W], ss[W], ts[W];
+      (tot[i].f + cur[i].f).store(fs);
+      (tot[i].s + cur[i].s).store(ss);
+      (tot[i].tq + cur[i].tq).store(ts);
+      double Fi = 0, Si = 0, Ti = 0;
+      for (int l = 0; l < W; ++l) {
+        Fi += fs[l] * scale[A][l];
+        Si += ss[l] * scale[A][l];
+        Ti += ts[l] * scale[A][l];
+      }
+      const double coef = c.coef[i];
+      if (Z[A] == 0.0 || coef == 0.0) continue;  // an operand that is 0 everywhere: e = 0
+      Fi /= Z[A];
+      Si /= Z[A];
+      Ti /= Z[A];
+      const double lse_b = lse[rhs[i]];
+      // (Si == 0: no entry where both sides are positive; then Fi == 0 too and lse_b may be -inf)
+      const double finite_sum =
+          Si == 0.0 ? 0.0 : kl[i] ? Fi - (static_cast<double>(lse[A]) - lse_b) * Si : -Fi + lse_b * Si;
+      total += coef * (mismatch[i] ? std::numeric_limits<double>::infinity() : finite_sum);
+      if (A == STUDENT) U += coef * (finite_sum + Si);
+      if (rhs[i] == STUDENT) U -= coef * Ti;
+    }
+    loss[n] = static_cast<F>(total);
+    st_out[STAT_LSE_S] = c.lse_s;
+    st_out[STAT_LSE_T] = c.lse_t;
+    st_out[STAT_LOG_Z] = c.log_z;
+    st_out[STAT_H_R] = F(0);
+    st_out[STAT_U] = static_cast<F>(U);
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+template <class scalar_t, int MIX, int SIG>
+void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
+                   scalar_t* grad, int64_t begin, int64_t end) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using IO = PackIO<scalar_t>;
+  constexpr int W = Vec::size();
+  for (int64_t n = begin; n < end; ++n) {
+    scalar_t* g = grad + n * a.V;
+    RowConsts<F> c;
+    init_row(a.desc, a.params, a.token_weights, n, &c);
+    pin_terms<SIG>(c);
+    const F scale = a.row_mask[n * a.mask_stride] ? grad_loss[n] / c.T : F(0);
+    if (scale == F(0)) {  // masked, or no incoming gradient: exactly 0, inputs not read
+      std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
+      continue;
+    }
+    const F* st = stats + n * kStats;
+    c.lse_s = st[STAT_LSE_S];
+    c.lse_t = st[STAT_LSE_T];
+    c.log_z = st[STAT_LOG_Z];
+    const F H_r = st[STAT_H_R], U = st[STAT_U];
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+    const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
+    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+      const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
+      const Vec gk = grad_at(c, L, h, H_r, U, scale);
+      if (k + W <= a.V) {
+        if (aligned) {
+          IO::stream(g + k, gk);
+        } else {
+          IO::store(g + k, gk);
+        }
+      } else {
+        alignas(64) scalar_t tail[W];
+        IO::store(tail, gk);
+        std::memcpy(static_cast<void*>(g + k), tail, sizeof(scalar_t) * (a.V - k));
+      }
+    });
+  }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // order the non-temporal stores before the results are handed over
+#endif
+}
+
+}  // namespace detail
+
+template <class scalar_t>
+void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats,
+                 std::atomic<int64_t>* bad_row) {
+  using namespace detail;
+  const RecipeDesc& d = a.desc;
+  const int64_t N = a.N, V = a.V;
+  if (fused_eligible(d) && !std::getenv("KDPLUG_NO_FUSED")) {
+    auto run = [&](auto geo, auto nt) {
+      at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+        forward_rows_fused<scalar_t, decltype(geo)::value, decltype(nt)::value>(a, loss, stats, begin, end, bad_row);
+      });
+    };
+    const bool geo = d.mix == MIX_GEOMETRIC;
+    if (geo && d.n_terms == 1) run(std::true_type{}, std::integral_constant<int, 1>{});
+    if (geo && d.n_terms == 2) run(std::true_type{}, std::integral_constant<int, 2>{});
+    if (!geo && d.n_terms == 1) run(std::false_type{}, std::integral_constant<int, 1>{});
+    if (!geo && d.n_terms == 2) run(std::false_type{}, std::integral_constant<int, 2>{});
+    return;
+  }
+  dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, loss, stats, begin, end, bad_row);
+    });
+  });
+}
+
+template <class scalar_t>
+void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
+                  scalar_t* grad) {
+  using namespace detail;
+  dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
+    at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
+      backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, grad_loss, stats, grad, begin, end);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace kdplug
