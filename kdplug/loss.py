@@ -175,7 +175,7 @@ class KDLoss(nn.Module):
               student_bias: torch.Tensor | None = None, *, teacher, mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, ignore_index: int = -100,
               num_items: int | torch.Tensor | None = None, chunk_size: int | None = None,
-              memory_budget: int = 128 << 20, **extra: Any) -> torch.Tensor:
+              memory_budget: int | None = None, **extra: Any) -> torch.Tensor:
         """The loss of ``student_hidden @ student_weight.T (+ student_bias)`` without the logits.
 
         Args:
@@ -185,7 +185,8 @@ class KDLoss(nn.Module):
                 tuple (the teacher's logits are then made chunk by chunk too, without gradient),
                 or a :class:`kdplug.TopK`.
             chunk_size: tokens per chunk; by default as many as fit ``memory_budget`` bytes for a
-                chunk's student logits, teacher logits and gradient (fp32).
+                chunk's student logits, teacher logits and gradient (fp32); the default budget is
+                5% of one N x V fp32 tensor, clamped to [16 MiB, 256 MiB].
             mask, labels, ignore_index, num_items, extra: as for the unfused call.
 
         Returns the reduced loss (any reduction but ``"none"``), differentiable w.r.t. the hidden
@@ -230,6 +231,9 @@ class KDLoss(nn.Module):
         flags = self._route_flags(extra, lead, student_hidden.device)
         coef = _reduction_weights(token_mask, self.reduction, num_items)
         from ._fused import FusedLMHead, chunk_rows_for
+        n_rows = token_mask.numel()
+        if memory_budget is None:
+            memory_budget = min(256 << 20, max(16 << 20, n_rows * max(vocab, teacher_vocab) * 4 // 20))
         chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab)) if chunk_size is None else chunk_size
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"kdplug: chunk_size must be a positive int, got {chunk_size!r}")
