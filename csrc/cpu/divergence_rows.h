@@ -206,11 +206,26 @@ inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<i
 // kinds and partials: the same code, specialized.
 constexpr int sig_of(int div, int lhs, int rhs) { return 1 + div + 4 * (lhs + 3 * rhs); }
 
-inline int signature(const RecipeDesc& d) { return d.n_terms == 1 ? sig_of(d.div[0], d.lhs[0], d.rhs[0]) : 0; }
+// Two-term recipes with their own signature: KL(p||r) + KL(q||r), the generalized JSD.
+constexpr int SIG_JS = 100;
+
+inline int signature(const RecipeDesc& d) {
+  if (d.n_terms == 1) return sig_of(d.div[0], d.lhs[0], d.rhs[0]);
+  if (d.n_terms == 2 && d.div[0] == KL && d.div[1] == KL && d.lhs[0] == TEACHER && d.lhs[1] == STUDENT &&
+      d.rhs[0] == ASSISTANT && d.rhs[1] == ASSISTANT)
+    return SIG_JS;
+  return 0;
+}
 
 template <int SIG, class F>
 KDPLUG_INLINE void pin_terms(RowConsts<F>& c) {
-  if constexpr (SIG != 0) {
+  if constexpr (SIG == SIG_JS) {
+    c.n_terms = 2;
+    c.div[0] = c.div[1] = KL;
+    c.lhs[0] = TEACHER;
+    c.lhs[1] = STUDENT;
+    c.rhs[0] = c.rhs[1] = ASSISTANT;
+  } else if constexpr (SIG != 0) {
     c.n_terms = 1;
     c.div[0] = (SIG - 1) % 4;
     c.lhs[0] = ((SIG - 1) / 4) % 3;
@@ -245,8 +260,9 @@ void dispatch_recipe(const RecipeDesc& d, Fn&& fn) {
                    sig_of(KL, TEACHER, ASSISTANT)>(
           sig, [&](auto s) { fn(std::integral_constant<int, MIX_GEOMETRIC>{}, s); });
       break;
-    case MIX_ARITHMETIC:  // skl, srkl, distillm2, amid alpha = -1
-      dispatch_sig<sig_of(KL, TEACHER, ASSISTANT), sig_of(KL, STUDENT, ASSISTANT), sig_of(AB, TEACHER, ASSISTANT)>(
+    case MIX_ARITHMETIC:  // skl, srkl, distillm2, gjsd, amid alpha = -1
+      dispatch_sig<sig_of(KL, TEACHER, ASSISTANT), sig_of(KL, STUDENT, ASSISTANT), SIG_JS,
+                   sig_of(AB, TEACHER, ASSISTANT)>(
           sig, [&](auto s) { fn(std::integral_constant<int, MIX_ARITHMETIC>{}, s); });
       break;
     default:  // amid
@@ -254,6 +270,62 @@ void dispatch_recipe(const RecipeDesc& d, Fn&& fn) {
           sig, [&](auto s) { fn(std::integral_constant<int, MIX_ALPHA>{}, s); });
       break;
   }
+}
+
+// ---- the arithmetic mixture in probability space -------------------------------------------------
+// For r = lam p + (1 - lam) q (Z = 1) and KL terms with r on the right (skl and distillm2's
+// teacher side: KL(p||r); srkl and its student side: KL(q||r); gjsd: both), the formulas of
+// kdplug_math.h simplify once P = e^lp and Q = e^lq are at hand: R = lam P + (1 - lam) Q,
+// log r = log R, w = (1 - lam) Q / R and w r = (1 - lam) Q, so
+//   u = h^q + (1 - lam) Q (h^r / R - H^r)            (0 / 0 at R = 0 is 0: there w = 0)
+// which is 2 exps, a division and (when the value or h^q needs log r) a log per entry, instead of
+// 4-5 exps and a log1p. Exact in real arithmetic; in floating point it needs P and Q to be normal
+// numbers, so a pack with a log-probability in (-inf, -85) takes the general formulas instead.
+template <int SIG>
+constexpr bool kArithKL =
+    SIG == sig_of(KL, TEACHER, ASSISTANT) || SIG == sig_of(KL, STUDENT, ASSISTANT) || SIG == SIG_JS;
+
+template <class Vec>
+KDPLUG_INLINE bool arith_in_range(Vec lp, Vec lq) {
+  using O = Ops<Vec>;
+  using F = typename O::Scalar;
+  const Vec lo(F(-85)), ninf(neg_inf<F>());
+  return O::all(O::land(O::lor(O::ge(lp, lo), O::eq(lp, ninf)), O::lor(O::ge(lq, lo), O::eq(lq, ninf))));
+}
+
+template <class Vec>
+struct ArithKL {
+  Vec e[2], h_q, h_r, Q, inv_R;
+};
+
+// The terms (pinned by SIG) at one pack: their elements, h^q, h^r, Q and 1/R (0 where R = 0).
+template <int SIG, bool NEED_E, class Vec, class F>
+KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, typename Ops<Vec>::Mask keep) {
+  using O = Ops<Vec>;
+  constexpr bool HAS_P = SIG != sig_of(KL, STUDENT, ASSISTANT);  // a KL(p||r) term
+  constexpr bool HAS_Q = SIG != sig_of(KL, TEACHER, ASSISTANT);  // a KL(q||r) term
+  constexpr int IQ = HAS_P ? 1 : 0;                              // its index
+  const Vec zero(F(0));
+  const Vec P = O::exp(lp), Q = O::exp(lq);
+  const Vec R = Vec(c.lam) * P + Vec(F(1) - c.lam) * Q;
+  const auto R0 = O::eq(R, zero);
+  ArithKL<Vec> out;
+  out.Q = Q;
+  out.inv_R = O::select(R0, zero, Vec(F(1)) / O::select(R0, Vec(F(1)), R));
+  out.e[0] = out.e[1] = out.h_q = out.h_r = zero;
+  Vec lr = zero;
+  if (NEED_E || HAS_Q) lr = O::log(R);
+  if (HAS_P) {
+    if (NEED_E) out.e[0] = O::select(keep, mul0(P, lp - lr), zero);
+    out.h_r = Vec(c.coef[0]) * O::select(keep, O::neg(P), zero);
+  }
+  if (HAS_Q) {
+    const Vec diff = lq - lr;
+    if (NEED_E) out.e[IQ] = O::select(keep, mul0(Q, diff), zero);
+    out.h_q = Vec(c.coef[IQ]) * O::select(keep, finite_or_0(mul0(Q, diff + Vec(F(1)))), zero);
+    out.h_r = out.h_r + Vec(c.coef[IQ]) * O::select(keep, O::neg(Q), zero);
+  }
+  return out;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -321,6 +393,23 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       packs = 0;
     };
     row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
+        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+        if (C10_LIKELY(arith_in_range(lp, lq))) {
+          const auto t = arith_kl_at<SIG, true>(c, lp, lq, keep_at(c, xs, xt));
+          e_acc[0] = e_acc[0] + t.e[0];
+          if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
+          acc.h_q = acc.h_q + t.h_q;
+          if (c.live_assistant) {
+            const Vec wq = Vec(F(1) - c.lam) * t.Q;  // w r
+            acc.h_r = acc.h_r + t.h_r;
+            acc.w_h_r = acc.w_h_r + wq * t.h_r * t.inv_R;
+            acc.w_r = acc.w_r + wq;
+          }
+          if (++packs == 64) fold();
+          return;
+        }
+      }
       const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
       const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
       stats_at(c, L, h, &acc);
@@ -559,9 +648,23 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
     const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
     const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-      const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
-      const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
-      const Vec gk = grad_at(c, L, h, H_r, U, scale);
+      Vec gk;
+      bool done = false;
+      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
+        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+        if (C10_LIKELY(arith_in_range(lp, lq))) {
+          const auto t = arith_kl_at<SIG, false>(c, lp, lq, keep_at(c, xs, xt));
+          Vec u = t.h_q;
+          if (c.live_assistant) u = u + Vec(F(1) - c.lam) * t.Q * (t.h_r * t.inv_R - Vec(H_r));
+          gk = Ops<Vec>::select(Ops<Vec>::eq(lq, Vec(neg_inf<F>())), Vec(F(0)), (u - t.Q * Vec(U)) * Vec(scale));
+          done = true;
+        }
+      }
+      if (!done) {
+        const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+        const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
+        gk = grad_at(c, L, h, H_r, U, scale);
+      }
       if (k + W <= a.V) {
         if (aligned) {
           IO::stream(g + k, gk);

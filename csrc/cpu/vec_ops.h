@@ -110,14 +110,11 @@ KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 
-// log1p(z): u = 1 + z rounded, c = (z - (u - 1)) / u the rounding's first-order correction, log u = e ln 2 + log m with m = u / 2^e in [sqrt(1/2), sqrt(2)) (getexp/getmant),
-// log m = f - f^2/2 + f^3 P(f), f = m - 1, the Cephes logf polynomial (~1 ulp).
-// z = -1 -> -inf, z = +inf -> +inf, z < -1 or NaN -> NaN.
-KDPLUG_INLINE __m512 log1p_ps(__m512 z) {
+// log u + c for u > 0: e ln 2 + log m with m = u / 2^e in [sqrt(1/2), sqrt(2)) (getexp /
+// getmant, so subnormal u is exact), log m = f - f^2/2 + f^3 P(f), f = m - 1, the Cephes logf
+// polynomial (~1 ulp); c is a small correction added before the last rounding.
+KDPLUG_INLINE __m512 log_core_ps(__m512 u, __m512 c) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 u = _mm512_add_ps(one, z);
-  // (c is below one ulp of log u, so a 14-bit reciprocal is plenty: no division)
-  const __m512 c = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u));
   __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);  // [1, 2)
   __m512 e = _mm512_getexp_ps(u);
   const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
@@ -147,6 +144,18 @@ KDPLUG_INLINE __m512 log1p_ps(__m512 z) {
   return y;
 }
 
+KDPLUG_INLINE __m512 log_ps(__m512 x) { return log_core_ps(x, _mm512_setzero_ps()); }
+
+// log1p(z) = log(u) + c: u = 1 + z rounded, c = (z - (u - 1)) / u the rounding's first-order
+// correction. z = -1 -> -inf, z = +inf -> +inf, z < -1 or NaN -> NaN.
+KDPLUG_INLINE __m512 log1p_ps(__m512 z) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 u = _mm512_add_ps(one, z);
+  // (c is below one ulp of log u, so a 14-bit reciprocal is plenty: no division)
+  const __m512 c = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u));
+  return log_core_ps(u, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, c, _CMP_ORD_Q), c));  // (NaN c at u = 0, inf)
+}
+
 }  // namespace avx512
 
 template <>
@@ -157,7 +166,7 @@ struct Ops<Vectorized<float>> {
   static KDPLUG_INLINE V exp(V x) { return avx512::exp_ps(x); }
   static KDPLUG_INLINE V expm1(V x) { return avx512::expm1_ps(x); }
   static KDPLUG_INLINE V log1p(V x) { return avx512::log1p_ps(x); }
-  static KDPLUG_INLINE V log(V x) { return x.log(); }  // (rows only: not in the hot loops)
+  static KDPLUG_INLINE V log(V x) { return avx512::log_ps(x); }
   static KDPLUG_INLINE V neg(V x) { return _mm512_xor_ps(x, _mm512_set1_ps(-0.0f)); }
   static KDPLUG_INLINE V abs(V x) { return _mm512_abs_ps(x); }
   static KDPLUG_INLINE V max(V a, V b) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), a, b); }
