@@ -586,12 +586,16 @@ struct H {
   V q, r;
 };
 
-template <bool WITH_LOSS, class V, class F>
+// NT: the term count when the caller knows it at compile time (== c.n_terms), else 0. The CUDA
+// kernel's instances pass it: with a constant trip count the loop unrolls and RowConsts stays in
+// registers (else its arrays, indexed by i, live in local memory).
+template <bool WITH_LOSS, int NT = 0, class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs<V>& L,
                                                typename Ops<V>::Mask keep, V* e_acc) {
   using O = Ops<V>;
   H<V> h{V(0), V(0)};
-  for (int i = 0; i < c.n_terms; ++i) {
+  const int n_terms = NT > 0 ? NT : c.n_terms;
+  for (int i = 0; i < n_terms; ++i) {
     const F coef = c.coef[i];
     if (coef == F(0)) continue;  // mul0(coef, .) = 0: the term contributes nothing
     Element<V> el = element(c.div[i], L.of(c.lhs[i]), L.of(c.rhs[i]), c.ab_a[i], c.ab_b[i]);
