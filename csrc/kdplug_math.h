@@ -66,7 +66,7 @@ enum Operand : int { TEACHER = 0, STUDENT = 1, ASSISTANT = 2 };
 enum Div : int { KL = 0, CE = 1, AB = 2, TVD = 3 };
 enum Policy : int { EXACT = 0, EXCLUDE = 1 };
 // How the assistant is built. ALPHA: the general alpha-mixture, normalized by Z = sum r~ (a pass
-// of its own); ARITHMETIC (alpha = -1): already normalized; GEOMETRIC (alpha >= 1): normalized by
+// of its own); ARITHMETIC (alpha = -1): already normalized; GEOMETRIC (alpha = 1): normalized by
 // a log-sum-exp over the row that the first pass computes from the logits.
 enum Mix : int { MIX_NONE = 0, MIX_GEOMETRIC = 1, MIX_ARITHMETIC = 2, MIX_ALPHA = 3 };
 
@@ -133,8 +133,9 @@ inline const char* decode_recipe(const int64_t* structure, int64_t n_structure, 
         !std::isfinite(d.ab_beta[i]))
       return "ab_alpha and ab_beta must be finite and >= 0";
   }
-  // alpha >= 1 is the geometric mixture (it arrives as exactly 1).
-  d.a = d.alpha < 1.0 ? (1.0 - d.alpha) / 2.0 : 0.0;
+  // alpha = 1 is the geometric mixture; alpha > 1 a power mean (a < 0), normalized like any
+  // alpha-mixture (AMiD's plugin sends exactly 1 unless asked for the power mean).
+  d.a = (1.0 - d.alpha) / 2.0;
   d.mix = !d.has_assistant ? MIX_NONE : d.a == 0.0 ? MIX_GEOMETRIC : d.a == 1.0 ? MIX_ARITHMETIC : MIX_ALPHA;
   *out = d;
   return nullptr;
@@ -293,12 +294,13 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V ab_branch(V l_big, V x, F c, F d) {
   using O = Ops<V>;
   const F k = c + d;
   if (d != F(0)) {
-    return O::neg(pow_log(l_big, k) * V(F(1) / d)) * (phi(x, c) - phi(x, k));
+    // NB: M^k may underflow to 0 where the bracket is infinite (x = -inf): select 0.
+    return mul0(pow_log(l_big, k), O::neg(phi(x, c) - phi(x, k)) * V(F(1) / d));
   }
   if (c != F(0)) {
     // x * exp(c x) -> 0 as x -> -inf
     V xe = O::select(O::lt(O::abs(x), V(INFINITY)), x * O::exp(V(c) * x), V(0));
-    return pow_log(l_big, c) * (V(c) * xe - O::expm1(V(c) * x)) * V(F(1) / (c * c));
+    return mul0(pow_log(l_big, c), (V(c) * xe - O::expm1(V(c) * x)) * V(F(1) / (c * c)));
   }
   return V(0.5) * x * x;
 }
@@ -397,6 +399,9 @@ template <class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE V alpha_mix(V lp, V lq, F lam, F log_lam, F log_1m_lam, F a, F inv_a) {
   using O = Ops<V>;
   const V ninf(neg_inf<F>());
+  // NB: lam = 0 and 1 are q and p exactly; for a < 0 the formula would meet 0 * inf there.
+  if (lam == F(0)) return lq;
+  if (lam == F(1)) return lp;
   auto both = O::land(O::eq(lp, ninf), O::eq(lq, ninf));
   V lp_ = O::select(both, V(0), lp);
   V lq_ = O::select(both, V(0), lq);
@@ -425,7 +430,7 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V arithmetic_mix(V lp, V lq, F log_lam, F log_1
   return lse2(V(log_lam) + lp, V(log_1m_lam) + lq);
 }
 
-// Geometric mixture (alpha >= 1; TAID's interpolation): log r~ = lam lp + (1 - lam) lq, where a
+// Geometric mixture (alpha = 1; TAID's interpolation): log r~ = lam lp + (1 - lam) lq, where a
 // side with zero weight is left out (so that 0 * -inf never appears), and a zero (-inf) on a side
 // with positive weight makes the mixture 0. The same function applied to the logits t', s'
 // gives g = lam t' + (1 - lam) s' = log r~ + const, so log r = g - LSE(g): the first pass gets the
@@ -455,6 +460,8 @@ template <class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE V mixture_weight(V lq, V l_mix, F q_weight, F a) {
   using O = Ops<V>;
   const V ninf(neg_inf<F>());
+  // NB: a zero weight (lam = 1) is 0 even where (q / r~)^a overflows (r~ = p far below q).
+  if (q_weight == F(0)) return V(0);
   V w = a == F(0) ? V(q_weight) : V(q_weight) * O::exp(V(a) * (lq - O::select(O::eq(l_mix, ninf), V(0), l_mix)));
   return O::select(O::eq(lq, ninf), V(0), w);
 }
