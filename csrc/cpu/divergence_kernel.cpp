@@ -55,7 +55,9 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& s, const at::Tensor& 
                   params.size(0) == 2 + d.n_terms,
               "kdplug: params must be a contiguous float64 vector [T, lam, weight * n_terms] of length ",
               2 + d.n_terms, ", got ", params.scalar_type(), " ", params.sizes());
-  TORCH_CHECK(params.device().is_cpu(), "kdplug: params must be on the CPU with CPU logits");
+  TORCH_CHECK(s.device().is_cpu() && t.device().is_cpu() && params.device().is_cpu() && row_mask.device().is_cpu() &&
+                  (!token_weights.has_value() || token_weights->device().is_cpu()),
+              "kdplug: with CPU logits, teacher_logits, params, row_mask and token_weights must be on the CPU too");
   TORCH_CHECK(row_mask.scalar_type() == at::kBool && row_mask.dim() == 1 && row_mask.size(0) == N,
               "kdplug: row_mask must be a bool vector [N] = [", N, "], got ", row_mask.scalar_type(), " ",
               row_mask.sizes());
@@ -142,7 +144,8 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
   const RecipeDesc d = decode(structure, consts);
   const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
   const auto cdt = compute_dtype(student_logits.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && grad_loss.scalar_type() == cdt,
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && grad_loss.scalar_type() == cdt &&
+                  grad_loss.device().is_cpu() && row_stats.device().is_cpu(),
               "kdplug: grad_loss must be a ", cdt, " vector [N] = [", N, "], got ", grad_loss.scalar_type(), " ",
               grad_loss.sizes());
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == N && row_stats.size(1) == kStats &&
