@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -69,19 +67,10 @@ def case(impl, method, n, h, v, repeats):
 
 
 def measure(impl, method, n, h, v, repeats, timeout):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4194304", PYTHONWARNINGS="ignore")
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"from fused_lm_head import case; "
-            f"print('RESULT', json.dumps(case({impl!r}, {method!r}, {n}, {h}, {v}, {repeats})))")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout} s"}
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": "out of memory (killed)" if out.returncode < 0 else
-            (out.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+    from kdplug._bench import in_fresh_process
+    here = os.path.dirname(os.path.abspath(__file__))
+    return in_fresh_process(f"case({impl!r}, {method!r}, {n}, {h}, {v}, {repeats})", timeout,
+                            f"import sys; sys.path.insert(0, {here!r}); from fused_lm_head import case")
 
 
 def main(argv=None):

@@ -147,11 +147,11 @@ def run_case(method: str, impl: str, n: int, v: int, dtype: str, backward: bool,
     return {"median_s": statistics.median(times), "times_s": times, "loss": value, "peak_bytes": peak}
 
 
-def measure(method, impl, n, v, dtype, backward, repeats, timeout) -> dict:
-    """``run_case`` in a fresh subprocess (own peak memory; an OOM kills only it)."""
+def in_fresh_process(call: str, timeout: float, setup: str = "") -> dict:
+    """Evaluate ``call`` (an expression returning a JSON-able dict) in a fresh Python process, so
+    that its peak memory is its own and an out-of-memory kill takes only it."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4194304", PYTHONWARNINGS="ignore")
-    code = ("import json,sys; from kdplug._bench import run_case; "
-            f"print('RESULT', json.dumps(run_case({method!r}, {impl!r}, {n}, {v}, {dtype!r}, {backward}, {repeats})))")
+    code = f"import json; {setup}; print('RESULT', json.dumps({call}))"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -161,6 +161,12 @@ def measure(method, impl, n, v, dtype, backward, repeats, timeout) -> dict:
             return json.loads(line[7:])
     tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {out.returncode} ({'killed: out of memory?' if out.returncode < 0 else tail[:200]})"}
+
+
+def measure(method, impl, n, v, dtype, backward, repeats, timeout) -> dict:
+    """``run_case`` in a fresh process."""
+    return in_fresh_process(f"run_case({method!r}, {impl!r}, {n}, {v}, {dtype!r}, {backward}, {repeats})",
+                            timeout, "from kdplug._bench import run_case")
 
 
 def stream_gbps(seconds: float = 2.0) -> float:
