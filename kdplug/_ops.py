@@ -66,8 +66,15 @@ def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: 
     """
     if token_weights is not None:
         token_weights = token_weights.detach().to(torch.float64).contiguous()
-    loss, _ = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params.to(torch.float64),
-                                              token_weights, row_mask, list(structure), list(consts))
+    loss, row_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params.to(torch.float64),
+                                                      token_weights, row_mask, list(structure), list(consts))
+    if loss.device.type != "cpu":
+        # The CUDA kernels cannot raise without a host sync: a row that is not masked but is all
+        # -inf (or holds +inf / NaN) comes back with a NaN loss and a non-finite LSE in row_stats.
+        # Fail on it as the CPU kernel does, asynchronously (a device-side assert; O(N) work).
+        torch._assert_async(torch.isfinite(row_stats[:, :2]).all(),
+                            "kdplug: student_logits or teacher_logits has a row that is not masked but is all "
+                            "-inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
     return loss
 
 
