@@ -206,25 +206,29 @@ inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<i
 // kinds and partials: the same code, specialized.
 constexpr int sig_of(int div, int lhs, int rhs) { return 1 + div + 4 * (lhs + 3 * rhs); }
 
-// Two-term recipes with their own signature: KL(p||r) + KL(q||r), the generalized JSD.
+// Two-term recipes with their own signature: KL(p||r) + KL(q||r) (the generalized JSD) and
+// KL(p||q) + KL(q||p) (symmetric KL, AKL, Jeffreys).
 constexpr int SIG_JS = 100;
+constexpr int SIG_SYM = 101;
 
 inline int signature(const RecipeDesc& d) {
   if (d.n_terms == 1) return sig_of(d.div[0], d.lhs[0], d.rhs[0]);
-  if (d.n_terms == 2 && d.div[0] == KL && d.div[1] == KL && d.lhs[0] == TEACHER && d.lhs[1] == STUDENT &&
-      d.rhs[0] == ASSISTANT && d.rhs[1] == ASSISTANT)
-    return SIG_JS;
+  if (d.n_terms == 2 && d.div[0] == KL && d.div[1] == KL && d.lhs[0] == TEACHER && d.lhs[1] == STUDENT) {
+    if (d.rhs[0] == ASSISTANT && d.rhs[1] == ASSISTANT) return SIG_JS;
+    if (d.rhs[0] == STUDENT && d.rhs[1] == TEACHER) return SIG_SYM;
+  }
   return 0;
 }
 
 template <int SIG, class F>
 KDPLUG_INLINE void pin_terms(RowConsts<F>& c) {
-  if constexpr (SIG == SIG_JS) {
+  if constexpr (SIG == SIG_JS || SIG == SIG_SYM) {
     c.n_terms = 2;
     c.div[0] = c.div[1] = KL;
     c.lhs[0] = TEACHER;
     c.lhs[1] = STUDENT;
-    c.rhs[0] = c.rhs[1] = ASSISTANT;
+    c.rhs[0] = SIG == SIG_JS ? ASSISTANT : STUDENT;
+    c.rhs[1] = SIG == SIG_JS ? ASSISTANT : TEACHER;
   } else if constexpr (SIG != 0) {
     c.n_terms = 1;
     c.div[0] = (SIG - 1) % 4;
@@ -250,9 +254,9 @@ template <bool SPECIALIZE, class Fn>
 void dispatch_recipe(const RecipeDesc& d, Fn&& fn) {
   const int sig = SPECIALIZE ? signature(d) : 0;
   switch (d.mix) {
-    case MIX_NONE:  // tvd, abkd; (kl, rkl: their forward is the one-pass one)
+    case MIX_NONE:  // tvd, abkd, fkl, rkl, symmetric_kl, akl (the last four: backward only)
       dispatch_sig<sig_of(TVD, TEACHER, STUDENT), sig_of(AB, TEACHER, STUDENT), sig_of(KL, TEACHER, STUDENT),
-                   sig_of(KL, STUDENT, TEACHER), sig_of(CE, TEACHER, STUDENT)>(
+                   sig_of(KL, STUDENT, TEACHER), sig_of(CE, TEACHER, STUDENT), SIG_SYM>(
           sig, [&](auto s) { fn(std::integral_constant<int, MIX_NONE>{}, s); });
       break;
     case MIX_GEOMETRIC:  // taid (value ce / kl), amid alpha >= 1
