@@ -8,11 +8,13 @@ CUDA and a toolkit is found, the CUDA kernels (``csrc/cuda/*.cu``). Environment 
 
     KDPLUG_SKIP_EXT=1      pure-Python install; kdplug then runs its PyTorch path
     KDPLUG_NO_CUDA=1       never build the CUDA kernels
-    KDPLUG_FORCE_CUDA=1    build them even without a visible GPU (torch with CUDA + a toolkit needed)
+    KDPLUG_FORCE_CUDA=1    build them even without a visible GPU (torch with CUDA + a toolkit needed;
+                           TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0+PTX then)
     KDPLUG_CPU_ISA=...     SIMD level of the CPU kernels: auto (default), avx512, avx2, none
     DEBUG=1                -O0 -g
     MAX_JOBS=N             parallel compile jobs
-    TORCH_CUDA_ARCH_LIST   CUDA architectures (default: torch's choice for the visible GPUs)
+    TORCH_CUDA_ARCH_LIST   CUDA architectures (default: torch's choice for the visible GPUs); when
+                           set, the CUDA kernels are built without a visible GPU too
 
 CPU SIMD level. The kernels use at::vec, which selects its AVX2 / AVX-512 implementation at
 compile time. ``auto`` compiles for what torch detects on the building machine (the common case:
@@ -23,6 +25,7 @@ for other machines with ``KDPLUG_CPU_ISA=avx2`` (or ``none``).
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -79,8 +82,11 @@ def extensions():
     isa = _cpu_isa(torch)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cuda_bindings = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    want_cuda = not _flag("KDPLUG_NO_CUDA") and (
-        _flag("KDPLUG_FORCE_CUDA") or (torch.version.cuda is not None and torch.cuda.is_available()))
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    gpu = torch.version.cuda is not None and torch.cuda.is_available()
+    # (without a visible GPU, torch needs TORCH_CUDA_ARCH_LIST to pick the architectures)
+    want_cuda = not _flag("KDPLUG_NO_CUDA") and (_flag("KDPLUG_FORCE_CUDA") or gpu or
+                                                 (torch.version.cuda is not None and bool(archs)))
     with_cuda = bool(want_cuda and torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources)
     # The configuration, first (as torchvision does): what this build will and will not contain.
     print(f"kdplug: torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}, "
@@ -103,9 +109,15 @@ def extensions():
     if with_cuda:
         extension = CUDAExtension
         sources += cuda_sources + cuda_bindings
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-        define_macros += [("KDPLUG_WITH_CUDA", None), ("KDPLUG_CUDA_VERSION", f'"{torch.version.cuda}"'),
-                          ("KDPLUG_CUDA_ARCHS", f'"{archs}"')]
+        if not archs and not gpu:  # forced without a GPU: sm_80 and sm_90 (+ PTX for newer GPUs)
+            archs = os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        if not archs:  # torch's default, the visible GPUs' architectures (for build_info)
+            archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                     for i in range(torch.cuda.device_count())}))
+        # bare tokens (csrc/kdplug.cpp stringifies them): ninja runs the compilers through a shell,
+        # which would strip quotes around a string literal
+        define_macros += [("KDPLUG_WITH_CUDA", None), ("KDPLUG_CUDA_VERSION", torch.version.cuda),
+                          ("KDPLUG_CUDA_ARCHS", re.sub(r"[^0-9A-Za-z.+]+", "_", archs).strip("_"))]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"])
                                         + ["--expt-relaxed-constexpr", "-lineinfo"]}
     else:

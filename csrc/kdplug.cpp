@@ -44,8 +44,12 @@ TORCH_LIBRARY(kdplug, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
+// setup.py passes KDPLUG_CUDA_ARCHS (e.g. 8.0_9.0+PTX) and KDPLUG_CUDA_VERSION (e.g. 12.8) as bare
+// tokens, stringified here: the build runs through a shell, which strips quotes from -DX="...".
+#define KDPLUG_STR_(x) #x
+#define KDPLUG_STR(x) KDPLUG_STR_(x)
 #ifndef KDPLUG_CUDA_ARCHS
-#define KDPLUG_CUDA_ARCHS ""
+#define KDPLUG_CUDA_ARCHS
 #endif
 
 namespace {
@@ -74,17 +78,17 @@ pybind11::dict build_info() {
   info["simd"] = kdplug::cpu::simd_level();
   info["vec_floats"] = kdplug::cpu::vec_floats();
   py::list archs;
-  std::string all = KDPLUG_CUDA_ARCHS;
+  std::string all = KDPLUG_STR(KDPLUG_CUDA_ARCHS);
   size_t start = 0;
   while (start < all.size()) {
-    size_t end = all.find_first_of(" ;,", start);
+    size_t end = all.find_first_of(" ;,_", start);
     if (end == std::string::npos) end = all.size();
     if (end > start) archs.append(all.substr(start, end - start));
     start = end + 1;
   }
   info["cuda_archs"] = archs;
 #if defined(KDPLUG_CUDA_VERSION)
-  info["cuda_version"] = KDPLUG_CUDA_VERSION;
+  info["cuda_version"] = KDPLUG_STR(KDPLUG_CUDA_VERSION);
 #else
   info["cuda_version"] = py::none();
 #endif
