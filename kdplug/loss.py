@@ -169,7 +169,7 @@ class KDLoss(nn.Module):
         token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
         flags = self._route_flags(extra, lead, student_logits.device)
         per_token = self._per_token(student_logits.reshape(-1, vocab), teacher, token_mask.reshape(-1), flags)
-        return self._finish(per_token.reshape(lead), token_mask, num_items)
+        return self._finish(_reduce(per_token.reshape(lead), token_mask, self.reduction, num_items))
 
     def fused(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
               student_bias: torch.Tensor | None = None, *, teacher, mask: torch.Tensor | None = None,
@@ -240,11 +240,7 @@ class KDLoss(nn.Module):
         align = functools.partial(_align_vocab, vocab_align=self.vocab_align)
         loss = FusedLMHead.apply(self, align, coef.reshape(-1), token_mask.reshape(-1), flags, teacher_rows,
                                  chunk_rows, student_hidden.reshape(-1, width), student_weight, student_bias)
-        if self.t2_scale:
-            loss = loss * (self.temperature ** 2)
-        if self.schedule is not None:
-            self.schedule.on_forward(loss.detach())
-        return loss
+        return self._finish(loss)
 
     def _route_flags(self, extra, lead, device):
         """The per-token route of a Split method ([N] bool, from a flag per sequence), else None."""
@@ -276,8 +272,8 @@ class KDLoss(nn.Module):
                     + evaluate(self.recipe.if_true, student_rows, teacher, on))
         return evaluate(self.recipe, student_rows, teacher, row_mask)
 
-    def _finish(self, per_token, token_mask, num_items):
-        loss = _reduce(per_token, token_mask, self.reduction, num_items)
+    def _finish(self, loss):
+        """T² scaling and the schedule's per-forward hook, after the reduction."""
         if self.t2_scale:
             loss = loss * (self.temperature ** 2)
         if self.schedule is not None:
