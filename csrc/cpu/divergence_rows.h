@@ -462,9 +462,16 @@ struct LaneSums {  // one term's per-lane sums, relative to the running max of i
   Vectorized<F> f, s, tq;
 };
 
+// NB: the one-pass loss subtracts log-sum-exps (lse_A - lse_B) from a weighted mean of logit
+// differences: fine while |lse| is moderate, but at |x / T| ~ 1e5 (T = 0.05, logits of 1e4) the
+// cancellation costs ~eps |lse| absolute (a KL of 0.05 came out as 0.054, an RKL negative). Rows
+// whose |lse| exceeds kFusedLseLimit are flagged in `redo` and recomputed by the 2-pass forward.
+template <class F>
+constexpr F kFusedLseLimit = sizeof(F) == 4 ? F(64) : F(1 << 20);
+
 template <class scalar_t, bool GEO, int NT>
 void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats,
-                        int64_t begin, int64_t end, std::atomic<int64_t>* bad_row) {
+                        int64_t begin, int64_t end, std::atomic<int64_t>* bad_row, uint8_t* redo) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
@@ -591,6 +598,14 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
       continue;
     }
     if constexpr (GEO) c.log_z = lse[ASSISTANT];
+    {
+      bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || (need_t && std::abs(c.lse_t) > kFusedLseLimit<F>);
+      if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
+      if (large) {
+        redo[n] = 1;
+        continue;
+      }
+    }
     double total = 0, U = 0;
     for (int i = 0; i < NT; ++i) {
       const int A = lhs[i];
@@ -696,9 +711,11 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
   const RecipeDesc& d = a.desc;
   const int64_t N = a.N, V = a.V;
   if (fused_eligible(d) && !std::getenv("KDPLUG_NO_FUSED")) {
+    std::vector<uint8_t> redo(static_cast<size_t>(N), 0);
     auto run = [&](auto geo, auto nt) {
       at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-        forward_rows_fused<scalar_t, decltype(geo)::value, decltype(nt)::value>(a, loss, stats, begin, end, bad_row);
+        forward_rows_fused<scalar_t, decltype(geo)::value, decltype(nt)::value>(a, loss, stats, begin, end, bad_row,
+                                                                                redo.data());
       });
     };
     const bool geo = d.mix == MIX_GEOMETRIC;
@@ -706,6 +723,14 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
     if (geo && d.n_terms == 2) run(std::true_type{}, std::integral_constant<int, 2>{});
     if (!geo && d.n_terms == 1) run(std::false_type{}, std::integral_constant<int, 1>{});
     if (!geo && d.n_terms == 2) run(std::false_type{}, std::integral_constant<int, 2>{});
+    if (std::find(redo.begin(), redo.end(), uint8_t(1)) == redo.end()) return;
+    dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
+      at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          if (redo[n])
+            forward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, loss, stats, n, n + 1, bad_row);
+      });
+    });
     return;
   }
   dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {

@@ -300,6 +300,8 @@ inline bool vec_inputs(const KernelArgs& a, int64_t elem) {
   return aligned16(a.s, a.s_stride * elem) && aligned16(a.t, a.t_stride * elem);
 }
 
+constexpr bool kFusedForward = false;
+
 inline bool fused_disabled() {  // KDPLUG_NO_FUSED=1: the generic forward (tests compare the two)
   const char* v = std::getenv("KDPLUG_NO_FUSED");
   return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
@@ -314,7 +316,10 @@ void launch_forward_t(const KernelArgs& a, void* loss_, void* stats_, cudaStream
   const dim3 grid(grid_for_rows(a.N));
   const dim3 block(threads_for_packs((a.V + BlockExec<In>::VEC - 1) / BlockExec<In>::VEC));
   const bool vec_in = vec_inputs(a, sizeof(In));
-  if (fused_eligible(d) && !fused_disabled()) {
+  // NB: off for now: the one-pass loss cancels at large |lse| (see kFusedLseLimit in the CPU
+  // kernel, which recomputes such rows); the CUDA port needs the same per-row fallback, and no
+  // GPU was available to test one. The generic forward is exact.
+  if (kFusedForward && fused_eligible(d) && !fused_disabled()) {
     dispatch_fused(d, [&](auto geo, auto nt) {
       forward_fused_kernel<In, decltype(geo)::value, decltype(nt)::value>
           <<<grid, block, 0, stream>>>(a, vec_in, loss, stats);
