@@ -11,32 +11,16 @@ import pytest
 import torch
 
 import kdplug
+from _common import BACKENDS, single_thread  # noqa: F401 (single_thread applies itself)
 import reference as ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run thousands of tiny ops; intra-op threads only add wake-up latency (and on a
-    busy 2-core machine, a lot of it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 F64 = torch.float64
 
 
-def _compiled_available():
-    try:
-        kdplug.get("fkl", backend="compiled")
-    except RuntimeError:
-        return False
-    return True
 
 
-BACKENDS = [pytest.param("torch"),
-            pytest.param("compiled", marks=pytest.mark.skipif(not _compiled_available(),
-                                                              reason="compiled core not built"))]
 
 
 def _inputs(kind):

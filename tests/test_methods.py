@@ -15,23 +15,14 @@ import pytest
 import torch
 
 import kdplug
+from _common import BACKENDS, METHODS, single_thread  # noqa: F401 (single_thread applies itself)
 import reference as ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run thousands of tiny ops; intra-op threads only add wake-up latency (and on a
-    busy 2-core machine, a lot of it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # --------------------------------------------------------------------------------------------
 # The registered built-in methods (from the registry, so a new one without a reference fails)
 # --------------------------------------------------------------------------------------------
-_BUILTIN_PLUGINS = {p.name for p in kdplug.list_plugins() if p.module.startswith("kdplug.plugins")}
-METHODS = sorted(m.name for m in kdplug.list_methods() if m.plugin in _BUILTIN_PLUGINS)
 
 
 def _amid_settings():
@@ -79,18 +70,6 @@ TOL = {  # dtype: (loss rtol, loss magnitude-tol, grad rtol, grad atol_rel, tiny
 def _id(d):
     return ",".join(f"{k}={v}" for k, v in d.items()) or "default"
 
-
-def _compiled_available():
-    try:
-        kdplug.get("fkl", backend="compiled")
-    except RuntimeError:
-        return False
-    return True
-
-
-COMPILED = _compiled_available()
-BACKENDS = [pytest.param("torch"),
-            pytest.param("compiled", marks=pytest.mark.skipif(not COMPILED, reason="compiled core not built"))]
 
 
 def check_method(name, params, s, t, *, T=1.0, policy="exact", mask=None, dtype=torch.float64,

@@ -8,34 +8,16 @@ import pytest
 import torch
 
 import kdplug
+from _common import BACKENDS, METHODS, single_thread  # noqa: F401 (single_thread applies itself)
 import reference as ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run thousands of tiny ops; intra-op threads only add wake-up latency (and on a
-    busy 2-core machine, a lot of it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-_BUILTIN_PLUGINS = {p.name for p in kdplug.list_plugins() if p.module.startswith("kdplug.plugins")}
-METHODS = sorted(m.name for m in kdplug.list_methods() if m.plugin in _BUILTIN_PLUGINS)
 NINF = float("-inf")
 
 
-def _compiled_available():
-    try:
-        kdplug.get("fkl", backend="compiled")
-    except RuntimeError:
-        return False
-    return True
 
 
-BACKENDS = [pytest.param("torch"),
-            pytest.param("compiled", marks=pytest.mark.skipif(not _compiled_available(),
-                                                              reason="compiled core not built"))]
 
 # defaults plus the settings whose value can be +inf or that sit on a branch boundary
 ROBUST = [(m, {}) for m in METHODS] + [
