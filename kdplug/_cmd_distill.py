@@ -3,8 +3,9 @@
 With no arguments: trains a byte-level BPE tokenizer and a small GPT-2-style teacher on
 CPython's own help text (pydoc_data.topics; nothing is downloaded; the teacher is cached in
 $KDPLUG_CACHE_DIR, else $XDG_CACHE_HOME/kdplug or ~/.cache/kdplug, so later runs start at
-distillation), then distills a smaller student with fkl, rkl, amid and taid next to the same
-student trained on the hard labels alone, for the same steps with the same optimizer. Prints a
+distillation), warms a smaller student up on the hard labels (the papers start from a fine-tuned
+student), then continues it with fkl, rkl, amid and taid next to the same student trained on
+the hard labels alone, for the same steps with the same optimizer. Prints a
 table per method (held-out KL(teacher||student), perplexity, top-1 agreement with the teacher,
 tokens/s, training time) and writes results.json and curves.png to --out.
 
@@ -79,6 +80,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _nonnegative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -123,13 +134,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="FILE", help="a text file or JSONL file (default: pydoc_data.topics)")
     g.add_argument("--text-field", default="text", metavar="KEY", help="the JSONL text key (default: text)")
     g = parser.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps per student (default 600)")
+    g.add_argument("--steps", type=_positive_int, help="distillation steps per student (default 200)")
     g.add_argument("--batch-size", type=_positive_int, help="global batch size in sequences (default 16)")
     g.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 128)")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate, AdamW, warmup + cosine (default 1e-3)")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate, AdamW, warmup + cosine (default 2e-3)")
     g.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
-    g.add_argument("--teacher-steps", type=_positive_int, help="steps of the default teacher's training (1000)")
-    g.add_argument("--eval-every", type=_positive_int, help="held-out evaluation interval in steps (default 50)")
+    g.add_argument("--student-warmup", type=_nonnegative_int, metavar="STEPS",
+                   help="hard-label steps every student (the baseline too) starts from, like the papers' SFT "
+                        "initialisation (default: 150 for a randomly initialised student, 0 for a pretrained one)")
+    g.add_argument("--teacher-steps", type=_positive_int, help="steps of the default teacher's training (600)")
+    g.add_argument("--eval-every", type=_positive_int, help="held-out evaluation interval in steps (default 25)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     g.add_argument("--quick", action="store_true",
                    help="a tiny configuration that runs in seconds (tests, smoke checks)")
@@ -175,7 +189,7 @@ def build_config(args: argparse.Namespace):
         cfg.quick = True
     for flag, attr in (("steps", "steps"), ("batch_size", "batch_size"), ("seq_len", "seq_len"), ("lr", "lr"),
                        ("teacher_steps", "teacher_steps"), ("eval_every", "eval_every"),
-                       ("temperature", "temperature"), ("kd_ratio", "kd_ratio")):
+                       ("temperature", "temperature"), ("kd_ratio", "kd_ratio"), ("student_warmup", "student_warmup")):
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, attr, value)
@@ -228,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     results_path = os.path.join(args.out, "results.json")
     curves_path = os.path.join(args.out, "curves.png")
     plot_curves(results, curves_path)
-    results["files"] = {"results": results_path, "curves": curves_path}
+    results["files"] = {"out": os.path.abspath(args.out), "results": "results.json", "curves": "curves.png"}
     with open(results_path, "w") as f:
         json.dump(results, f, indent=2)
     if args.json:
@@ -253,8 +267,10 @@ def format_table(results: dict) -> str:
     lines = [
         f"teacher: {t['model']} ({t['params'] / 1e6:.2f}M params, {teacher_origin}), held-out perplexity "
         f"{t['held_out_perplexity']:.2f}",
-        f"student: {st['model']} ({st['params'] / 1e6:.2f}M params), {cfg['steps']} steps x {cfg['batch_size']} x "
-        f"{cfg['seq_len']} tokens, lr {cfg['lr']:g}, T = {cfg['temperature']:g}, kd_ratio = {cfg['kd_ratio']:g}",
+        f"student: {st['model']} ({st['params'] / 1e6:.2f}M params, {st['init']}"
+        + (f", then {st['warmup_steps']} hard-label warm-up steps" if st.get("warmup_steps") else "")
+        + f"); per method {cfg['steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} tokens, lr {cfg['lr']:g}, "
+        f"T = {cfg['temperature']:g}, kd_ratio = {cfg['kd_ratio']:g}",
         f"data: {corpus['source']}, {corpus['tokens']:,} tokens (vocab {corpus['vocab_size']}), held out "
         f"{corpus['held_out_tokens']:,} tokens; {results['device']}, {results['world_size']} process(es), "
         f"kdplug backend: {results['kdplug_backend']}",

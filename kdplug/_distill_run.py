@@ -47,10 +47,13 @@ class ModelShape:
 class Config:
     """Everything a run depends on (``results.json`` records it)."""
     methods: list[tuple[str, dict]]       # (method name, params); BASELINE has no params
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 2e-3
+    lr_schedule: str = "cosine"
+    student_warmup: int | None = None     # None: auto_warmup for a randomly initialised student, else 0
+    auto_warmup: int = 150
     seed: int = 0
     temperature: float = 1.0
     kd_ratio: float = 1.0
@@ -74,7 +77,7 @@ class Config:
     progress: bool = True
 
 
-QUICK = dict(steps=12, batch_size=8, seq_len=32, vocab_size=320, teacher_steps=40, teacher_lr=3e-3, lr=3e-3,
+QUICK = dict(steps=12, batch_size=8, seq_len=32, vocab_size=320, teacher_steps=40, teacher_lr=3e-3, lr=3e-3, auto_warmup=6,
              teacher_shape=ModelShape(1, 48, 2, 0.0), student_shape=ModelShape(1, 24, 2, 0.0),
              eval_every=4, max_eval_sequences=16, curve_sequences=8)
 
@@ -192,20 +195,23 @@ def describe(model) -> str:
     return f"{type(model).__name__.replace('LMHeadModel', '').replace('ForCausalLM', '')} {layers}x{width}"
 
 
-def lr_lambda(steps: int):
+def lr_lambda(steps: int, schedule: str = "cosine"):
+    """Linear warmup over the first 5% of the steps, then cosine decay to 10% or constant."""
     warmup = max(1, steps // 20)
 
     def f(step):
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
 
 
-def optimizer(model, lr: float, steps: int):
+def optimizer(model, lr: float, steps: int, schedule: str = "cosine"):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, schedule))
 
 
 def _wrap(model, dist: Dist):
@@ -246,12 +252,13 @@ def teacher_key(cfg: Config, digest: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_lm(model, data: TokenData, cfg: Config, dist: Dist, steps: int, lr: float, desc: str) -> list[float]:
-    """Plain next-token training (the default teacher)."""
+def train_lm(model, data: TokenData, cfg: Config, dist: Dist, steps: int, lr: float, desc: str,
+             seed_offset: int = 1) -> list[float]:
+    """Plain next-token training (the default teacher; the students' shared hard-label warm-up)."""
     model.to(dist.device).train()
     wrapped = _wrap(model, dist)
     opt, sched = optimizer(model, lr, steps)
-    batches = data.sampler(cfg.batch_size, cfg.seed + 1, dist.rank, dist.world_size)
+    batches = data.sampler(cfg.batch_size, cfg.seed + seed_offset, dist.rank, dist.world_size)
     losses = []
     with _bar(dist, cfg, steps, desc) as bar:
         for step in range(steps):
@@ -523,21 +530,32 @@ def _run(cfg: Config, dist: Dist, wall0: float, kdplug, _extension) -> dict[str,
     if limit is not None and cfg.seq_len > limit:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the student's {limit} positions")
     base.to(dist.device)
+    warmup = cfg.student_warmup
+    if warmup is None:
+        warmup = 0 if student_source == "pretrained" else cfg.auto_warmup
+    if warmup:
+        # Every student (the baseline too) starts from the same student trained on the hard labels
+        # for a few steps, as the papers start from a fine-tuned ("SFT") student.
+        log(dist, f"kdplug distill: warming the student up on the hard labels for {warmup} steps")
+        t0 = time.perf_counter()
+        train_lm(base, data, cfg, dist, warmup, cfg.lr, "student warm-up", seed_offset=4)
+        timings["student_warmup_s"] = time.perf_counter() - t0
 
     students = []
     for name, params in cfg.methods:
         model = copy.deepcopy(base).train()
         loss_fn = None if name == BASELINE else build_loss(name, params, cfg)
-        opt, sched = optimizer(model, cfg.lr, cfg.steps)
+        opt, sched = optimizer(model, cfg.lr, cfg.steps, cfg.lr_schedule)
         students.append(Student(name, dict(loss_fn.params) if loss_fn is not None else {}, loss_fn,
                                 0.0 if loss_fn is None else cfg.kd_ratio, model, _wrap(model, dist), opt, sched))
 
     held_out = HeldOut(teacher, data.eval, cfg.curve_sequences, dist)
     start = {s.name: held_out.evaluate(s, curve_only=False) for s in students}
     for s in students:
+        first = held_out.evaluate(s, curve_only=True)
         s.curve_steps.append(0)
-        s.curve_kl.append(start[s.name]["kl"])
-        s.curve_own.append(start[s.name]["own"])
+        s.curve_kl.append(first["kl"])
+        s.curve_own.append(first["own"])
     log(dist, f"kdplug distill: {len(students)} students ({', '.join(s.name for s in students)}), "
               f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens on {dist.device}"
               + (f" x {dist.world_size} processes" if dist.enabled else ""))
@@ -577,7 +595,9 @@ def _run(cfg: Config, dist: Dist, wall0: float, kdplug, _extension) -> dict[str,
                 t0 = time.perf_counter()
                 postfix = {}
                 for s in students:
-                    r = held_out.evaluate(s, curve_only=step != cfg.steps)
+                    r = held_out.evaluate(s, curve_only=True)
+                    if step == cfg.steps:
+                        s.final = held_out.evaluate(s, curve_only=False)
                     s.curve_steps.append(step)
                     s.curve_kl.append(r["kl"])
                     s.curve_own.append(r["own"])
@@ -585,8 +605,6 @@ def _run(cfg: Config, dist: Dist, wall0: float, kdplug, _extension) -> dict[str,
                     s.curve_train.append((step, float(window)))
                     s.train_window = []
                     postfix[s.name] = f"{r['kl']:.3f}"
-                    if step == cfg.steps:
-                        s.final = r
                 eval_s += time.perf_counter() - t0
                 bar.set_postfix_str("held-out KL(T||S): " + " ".join(f"{k} {v}" for k, v in postfix.items()))
     loop_s = time.perf_counter() - t_loop
@@ -622,6 +640,7 @@ def _run(cfg: Config, dist: Dist, wall0: float, kdplug, _extension) -> dict[str,
         teacher=dict(teacher_info, model=describe(teacher), params=n_params(teacher),
                      held_out_perplexity=held_out.teacher_ppl),
         student=dict(source=os.path.abspath(cfg.student_dir) if cfg.student_dir else "default", init=student_source,
+                     warmup_steps=warmup,
                      model=describe(base), params=n_params(base)),
         methods=rows, timings=timings)
     return results
@@ -646,27 +665,35 @@ def plot_curves(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    cmap = plt.get_cmap("tab20")
-    for i, m in enumerate(methods):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    colors = plt.get_cmap("tab10").colors
+    dashes = ["-", "-.", ":"]
+    k = 0
+    for m in methods:
         c = m["curves"]
-        style = dict(color="black", lw=2.2, ls="--") if m["method"] == BASELINE else dict(color=cmap(i % 20), lw=1.4)
+        if m["method"] == BASELINE:
+            style = dict(color="black", lw=2.4, ls="--")
+        else:
+            style = dict(color=colors[k % 10], lw=1.6, ls=dashes[(k // 10) % 3])
+            k += 1
         axes[0].plot(c["step"], c["kl_teacher_student"], label=m["label"], **style)
         own0 = c["own"][0] if c["own"][0] else 1.0
         axes[1].plot(c["step"], [v / own0 for v in c["own"]], **style)
         if c["train_loss"]:
             steps, values = zip(*c["train_loss"])
             axes[2].plot(steps, values, **style)
-    axes[0].set(title="held-out KL(teacher || student)", xlabel="step", yscale="log")
-    axes[1].set(title="each method's own held-out loss / its value at step 0", xlabel="step", yscale="log")
-    axes[2].set(title="training loss (window mean)", xlabel="step", yscale="log")
+    axes[0].set(title="held-out KL(teacher || student)", xlabel="distillation step", yscale="log")
+    axes[1].set(title="each method's own held-out loss / its value at step 0", xlabel="distillation step",
+                yscale="log")
+    axes[2].set(title="training loss (mean since the last point)", xlabel="distillation step", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8, ncol=2)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=9, frameon=False)
     t = results["teacher"]
+    cfg = results["config"]
     fig.suptitle(f"kdplug distill: {t['model']} teacher ({t['params'] / 1e6:.2f}M) -> "
                  f"{results['student']['model']} student ({results['student']['params'] / 1e6:.2f}M), "
-                 f"{results['config']['steps']} steps", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+                 f"{cfg['steps']} steps, T = {cfg['temperature']:g}, kd_ratio = {cfg['kd_ratio']:g}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.savefig(path, dpi=80)
     plt.close(fig)
