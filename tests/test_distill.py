@@ -147,13 +147,14 @@ def test_real_use_flags(hf_dirs):
     status, out, err = _main(["distill", "--teacher", str(root / "teacher"), "--student", str(root / "student"),
                               "--data", str(root / "data.jsonl"), "--method", "fkl", "distillm2", "--steps", "3",
                               "--batch-size", "4", "--seq-len", "24", "--lr", "1e-3", "--seed", "1",
-                              "--out", str(root / "out"), "--json", "--no-progress", "--no-baseline"])
+                              "--student-warmup", "2", "--out", str(root / "out"), "--json", "--no-progress",
+                              "--no-baseline"])
     assert status == 0, err
     results = json.loads(out)
     assert [m["method"] for m in results["methods"]] == ["fkl", "distillm2"]
     assert results["corpus"]["layout"] == "records" and results["corpus"]["records"] == 60
     assert results["teacher"]["source"] == str(root / "teacher") and results["teacher"]["cached"] is None
-    assert results["student"]["init"] == "config (random init)"
+    assert results["student"]["init"] == "config (random init)" and results["student"]["warmup_steps"] == 2
     assert results["config"]["seq_len"] == 24 and results["config"]["seed"] == 1
     assert (root / "out" / "results.json").is_file() and (root / "out" / "curves.png").is_file()
 
