@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import kdplug
+from _common import CASE_IDS, CASES, VARIANTS  # noqa: F401
+METHODS = sorted(m.name for m in kdplug.list_methods())
 from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
 from kdplug._pack import params_tensor, structure_and_consts
 
@@ -25,25 +27,6 @@ NINF = float("-inf")
 
 # A few settings per method: limits, alternative forms, each mixture kind. A built-in method
 # missing here is still tested with its defaults.
-VARIANTS = {
-    "fkl": [{}, {"form": "ce"}],
-    "rkl": [{}],
-    "symmetric_kl": [{}, {"lam": 0.3, "form": "ce"}],
-    "tvd": [{}],
-    "gjsd": [{}, {"beta": 0.1, "normalized": True}, {"beta": 0.0}],
-    "skl": [{}, {"alpha": 0.0}, {"form": "ce"}],
-    "srkl": [{}, {"detach_mixture": True}, {"alpha": 0.0}],
-    "abkd": [{}, {"alpha": 0.0, "beta": 0.7}, {"alpha": 1.0, "beta": 0.0}, {"alpha": 0.0, "beta": 0.0}],
-    "akl": [{}, {"variant": "kdflow"}],
-    "taid": [{}, {"value": "kl", "t_start": 1.0}],
-    "amid": [{}, {"alpha": -1.0, "order": "qr"}, {"alpha": 1.0, "divergence": "kl"},
-             {"alpha": -3.0, "divergence": "kl", "order": "rq"}, {"alpha": 0.5, "lam": 0.0, "order": "rp"},
-             {"alpha": 0.9, "lam": 1.0, "order": "pr"}],
-    "distillm2": [{}, {"alpha_1": 0.0, "alpha_2": 0.3}],
-}
-METHODS = sorted(m.name for m in kdplug.list_methods())
-CASES = [(name, params) for name in METHODS for params in VARIANTS.get(name, [{}])]
-CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
 
 # dtype -> (loss rtol, loss atol, grad rtol, grad atol relative to the largest gradient entry)
 TOL = {

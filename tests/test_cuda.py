@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import kdplug
+from _common import CASE_IDS, CASES, VARIANTS  # noqa: F401
 from kdplug import _extension, _ops
 from kdplug._pack import params_tensor, structure_and_consts
 
@@ -37,25 +38,6 @@ needs_kernels = pytest.mark.skipif(not CUDA_BUILT, reason=f"kdplug's CUDA kernel
 NINF = float("-inf")
 DEV = "cuda"
 
-VARIANTS = {
-    "fkl": [{}, {"form": "ce"}],
-    "rkl": [{}],
-    "symmetric_kl": [{}, {"lam": 0.3, "form": "ce"}],
-    "tvd": [{}],
-    "gjsd": [{}, {"beta": 0.1, "normalized": True}, {"beta": 0.0}],
-    "skl": [{}, {"alpha": 0.0}, {"form": "ce"}],
-    "srkl": [{}, {"detach_mixture": True}, {"alpha": 0.0}],
-    "abkd": [{}, {"alpha": 0.0, "beta": 0.7}, {"alpha": 1.0, "beta": 0.0}, {"alpha": 0.0, "beta": 0.0}],
-    "akl": [{}, {"variant": "kdflow"}],
-    "taid": [{}, {"value": "kl", "t_start": 1.0}],
-    "amid": [{}, {"alpha": -1.0, "order": "qr"}, {"alpha": 1.0, "divergence": "kl"},
-             {"alpha": -3.0, "divergence": "kl", "order": "rq"}, {"alpha": 0.5, "lam": 0.0, "order": "rp"},
-             {"alpha": 0.9, "lam": 1.0, "order": "pr"}],
-    "distillm2": [{}, {"alpha_1": 0.0, "alpha_2": 0.3}],
-}
-METHODS = sorted(m.name for m in kdplug.list_methods())
-CASES = [(name, params) for name in METHODS for params in VARIANTS.get(name, [{}])]
-CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = [str(d).split(".")[-1] for d in DTYPES]
 
