@@ -12,6 +12,13 @@
 //   divergence_bwd(grad_loss [N], student_logits, teacher_logits, params, token_weights?,
 //                  row_mask, row_stats, structure, consts) -> grad_student [N, V]
 //     d(sum_n grad_loss[n] * loss[n]) / d student_logits, in one pass over each row.
+//   divergence_bwd_inplace(the same arguments) -> ()
+//     The same gradient, written over student_logits (opt-in: saves the N x V allocation).
+//   divergence_partials(student_logits [N, Vs], teacher_logits [N, Vs], params, token_weights?,
+//                       row_mask, given?, stage, structure, consts) -> float64 [N, 3 | 1 | 5]
+//     One vocabulary shard's partial row statistics (the vocabulary-parallel forward, see
+//     kdplug/_vocab_parallel.py): stage 0 the shard's LSEs, stage 1 its log Z, stage 2 its loss
+//     and gradient sums, each stage given the combined results of the ones before.
 //
 // Logits: float32 / float64 / bfloat16 / float16 (both the same dtype), any row stride, last
 // dimension contiguous; math in float32 (float64 for float64). loss, row_stats and grad_loss are
@@ -41,6 +48,14 @@ TORCH_LIBRARY(kdplug, m) {
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor params, "
       "Tensor? token_weights, Tensor row_mask, Tensor row_stats, int[] structure, float[] consts) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "divergence_bwd_inplace(Tensor grad_loss, Tensor(a!) student_logits, Tensor teacher_logits, Tensor params, "
+      "Tensor? token_weights, Tensor row_mask, Tensor row_stats, int[] structure, float[] consts) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "divergence_partials(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
+      "Tensor row_mask, Tensor? given, int stage, int[] structure, float[] consts) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

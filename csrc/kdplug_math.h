@@ -75,7 +75,7 @@ constexpr int kMaxTerms = 8;
 // row_stats columns: what the forward leaves for the backward (compute dtype, [N, kStats]).
 enum Stat : int {
   STAT_LSE_S = 0,  // LSE(s / T)
-  STAT_LSE_T = 1,  // LSE(t / T) (max(t / T) for recipes that never use p: TAID)
+  STAT_LSE_T = 1,  // LSE(t / T)
   STAT_LOG_Z = 2,  // assistant normalizer: log Z (alpha-mixture; 0 arithmetic), or, for the
                    // geometric mixture, the LSE of its logits g (see geometric_mix), lr = g - it
   STAT_H_R = 3,    // H^r = sum_k h^r_k

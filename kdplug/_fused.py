@@ -93,8 +93,8 @@ class FusedLMHead(torch.autograd.Function):
                 student_rows = logits
                 if not isinstance(teacher_rows, TopK):
                     student_rows, teacher_rows = align(logits, teacher_rows)
-                per_token = loss_fn._per_token(student_rows, teacher_rows, row_mask[rows],
-                                               None if flags is None else flags[rows])
+                per_token, _ = loss_fn._per_token(student_rows, teacher_rows, row_mask[rows],
+                                                  None if flags is None else flags[rows])
                 chunk_loss = (per_token * coef[rows].to(per_token.dtype)).sum()
             total += chunk_loss.detach().to(total.dtype)
             if not any(need):

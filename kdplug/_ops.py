@@ -11,7 +11,11 @@ schemas and their documentation). Here, registered only when the extension loade
 and, always:
 
 - :func:`why_cannot_run`: why the compiled path cannot take given logits (None when it can);
-- :func:`recipe_loss`: the compiled twin of ``kdplug._torch_impl.RecipeLoss.apply``.
+- :func:`recipe_loss`: the compiled twin of ``kdplug._torch_impl.RecipeLoss.apply``, with the
+  gradient optionally written over the student logits (``divergence_bwd_inplace``).
+
+``divergence_partials`` (the vocabulary-parallel forward's per-shard statistics) is called by
+``kdplug._vocab_parallel``.
 """
 from __future__ import annotations
 
@@ -58,16 +62,25 @@ def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> st
 
 def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: torch.Tensor,
                 token_weights: torch.Tensor | None, row_mask: torch.Tensor, structure: Sequence[int],
-                consts: Sequence[float]) -> torch.Tensor:
-    """Per-token loss ``[N]`` of a packed recipe on the compiled core.
+                consts: Sequence[float], inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss ``[N]`` of a packed recipe on the compiled core, and its ``row_stats``.
 
     Same arguments, values and gradient as ``kdplug._torch_impl.RecipeLoss.apply`` (layout in its
     docstring): differentiable w.r.t. ``student_rows`` only. Check :func:`why_cannot_run` first.
+    ``inplace``: the backward writes the gradient over ``student_rows`` and returns it (no N x V
+    allocation); a later backward that needs those logits then fails autograd's version check
+    instead of reading a gradient. ``row_stats`` (``[N, 5]``, not differentiable) holds each row's
+    ``LSE(s / T)`` and ``LSE(t / T)`` in its first two columns.
     """
     if token_weights is not None:
         token_weights = token_weights.detach().to(torch.float64).contiguous()
-    loss, row_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params.to(torch.float64),
-                                                      token_weights, row_mask, list(structure), list(consts))
+    params = params.to(torch.float64)
+    if inplace:
+        loss, row_stats = _InplaceRecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
+                                                   list(structure), list(consts))
+    else:
+        loss, row_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params, token_weights, row_mask,
+                                                          list(structure), list(consts))
     if loss.device.type != "cpu":
         # The CUDA kernels cannot raise without a host sync: a row that is not masked but is all
         # -inf (or holds +inf / NaN) comes back with a NaN loss and a non-finite LSE in row_stats.
@@ -75,7 +88,7 @@ def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: 
         torch._assert_async(torch.isfinite(row_stats[:, :2]).all(),
                             "kdplug: student_logits or teacher_logits has a row that is not masked but is all "
                             "-inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
-    return loss
+    return loss, row_stats
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,3 +146,40 @@ if HAS_OPS:
         return grad_student, None, None, None, None, None, None
 
     torch.library.register_autograd("kdplug::divergence_fwd", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("kdplug::divergence_bwd_inplace")
+    def _divergence_bwd_inplace_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask,
+                                     row_stats, structure, consts):
+        _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
+                             structure, consts)
+
+    @torch.library.register_fake("kdplug::divergence_partials")
+    def _divergence_partials_fake(student_logits, teacher_logits, params, token_weights, row_mask, given, stage,
+                                  structure, consts):
+        torch._check(stage in (0, 1, 2), lambda: "kdplug: stage must be 0, 1 or 2")
+        width = (3, 1, 5)[stage]
+        return student_logits.new_empty((student_logits.shape[0], width), dtype=torch.float64)
+
+
+class _InplaceRecipeLoss(torch.autograd.Function):
+    """``divergence_fwd`` whose backward writes the gradient over the student logits."""
+
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, params, token_weights, row_mask, structure, consts):
+        loss, row_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params, token_weights,
+                                                          row_mask, structure, consts)
+        ctx.save_for_backward(student_rows, teacher_rows, params, token_weights, row_mask, row_stats)
+        ctx.structure, ctx.consts = structure, consts
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_stats):
+        student_rows, teacher_rows, params, token_weights, row_mask, row_stats = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
+                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+        torch.ops.kdplug.divergence_bwd_inplace(grad_loss.to(_compute_dtype(student_rows.dtype)), student_rows,
+                                                teacher_rows, params, token_weights, row_mask, row_stats,
+                                                ctx.structure, ctx.consts)
+        return student_rows, None, None, None, None, None, None

@@ -155,6 +155,24 @@ def _decode(structure, consts):
     return policy, bool(has_assistant), bool(detach), consts[0], terms
 
 
+class LocalRows:
+    """Row reductions over the whole vocabulary held here (the vocabulary-parallel path replaces
+    them by ones that combine the ranks' shards: ``kdplug._vocab_parallel.ShardedRows``)."""
+
+    @staticmethod
+    def lse(x):
+        """The row log-sum-exp from this block's ``[N, 1]`` log-sum-exps."""
+        return x
+
+    @staticmethod
+    def sum(x):
+        """The row sum from this block's ``[N, 1]`` sums."""
+        return x
+
+
+LOCAL = LocalRows()
+
+
 class _Rows:
     """The log-probabilities of a block of rows, shared by the forward and the backward."""
 
@@ -168,7 +186,7 @@ class _Rows:
         self.keep = (lq != NEG_INF) & (lp != NEG_INF) if self.policy == EXCLUDE else None
 
     @classmethod
-    def compute(cls, student_logits, teacher_logits, params, row_mask, structure, consts):
+    def compute(cls, student_logits, teacher_logits, params, row_mask, structure, consts, rows=LOCAL):
         dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
         T = params[0].to(dtype)
         zero = torch.zeros((), dtype=dtype, device=student_logits.device)
@@ -176,13 +194,16 @@ class _Rows:
         # NB: masked rows are never read (they may hold NaN or be all -inf): they become zeros.
         s = torch.where(keep_row, student_logits.to(dtype), zero).div_(T)
         t = torch.where(keep_row, teacher_logits.to(dtype), zero).div_(T)
+        logs, lses = [], []
         for name, x in (("student_logits", s), ("teacher_logits", t)):
-            bad = ~torch.isfinite(x.amax(dim=-1))
-            torch._assert_async(~bad.any(), f"kdplug: {name} has a row that is not masked but is all "
-                                            "-inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
-        lq = torch.log_softmax(s, dim=-1)
-        lp = torch.log_softmax(t, dim=-1)
-        del s, t
+            # log-softmax over the whole row (rows.lse combines the vocabulary shards, if any)
+            lse = rows.lse(torch.logsumexp(x, dim=-1, keepdim=True))
+            torch._assert_async(torch.isfinite(lse).all(), f"kdplug: {name} has a row that is not masked but "
+                                "is all -inf, or holds +inf or NaN; mask such rows (mask= or labels=)")
+            logs.append(x.sub_(lse))
+            lses.append(lse)
+        lq, lp = logs
+        del s, t, logs
         policy, has_assistant, detach, alpha, terms = _decode(structure, consts)
         lr = lr_tilde = None
         if has_assistant:
@@ -191,11 +212,13 @@ class _Rows:
             if a == 1.0:  # arithmetic mixture: already normalized
                 lr = lr_tilde
             else:
-                log_z = torch.logsumexp(lr_tilde, dim=-1, keepdim=True)
+                log_z = rows.lse(torch.logsumexp(lr_tilde, dim=-1, keepdim=True))
                 # A mixture that is 0 everywhere (disjoint supports under a geometric mixture) is
                 # left at 0 instead of 0/0.
                 lr = lr_tilde - torch.where(log_z == NEG_INF, zero, log_z)
-        return cls(lq, lp, lr, lr_tilde, params, structure, consts)
+        block = cls(lq, lp, lr, lr_tilde, params, structure, consts)
+        block.lse = torch.cat(lses, dim=1)  # [N, 2]: LSE(s / T), LSE(t / T), as row_stats[:, :2]
+        return block
 
     def logs(self, operand):
         return (self.lp, self.lq, self.lr)[operand]
@@ -213,16 +236,16 @@ class _Rows:
             yield e, dP, dQ, lhs, rhs, coef
 
 
-def forward(rows, token_weights, row_mask):
+def forward(rows, token_weights, row_mask, reduce=LOCAL):
     """Per-token loss ``[N]`` (0 on masked rows)."""
     loss = torch.zeros_like(rows.lq[:, :1])
     for e, _, _, _, _, coef in rows.terms_iter(token_weights, partials=False):
-        loss = loss + _mul0(coef, e.sum(dim=-1, keepdim=True))
+        loss = loss + _mul0(coef, reduce.sum(e.sum(dim=-1, keepdim=True)))
     loss = loss.squeeze(-1)
     return torch.where(row_mask, loss, torch.zeros_like(loss))
 
 
-def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: bool):
+def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: bool, reduce=LOCAL):
     """Gradients w.r.t. the student (and teacher) logits: ``scale * (u - q * sum(u)) / T``."""
     dtype = rows.lq.dtype
     zero = torch.zeros((), dtype=dtype, device=rows.lq.device)
@@ -249,9 +272,9 @@ def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: boo
             h_r = h[ASSISTANT]
             r = torch.exp(rows.lr)
             w = _mixture_weight(side_log, rows.lr_tilde, side_weight, rows.a)
-            u = u + w * (h_r - h_r.sum(dim=-1, keepdim=True) * r)
+            u = u + w * (h_r - reduce.sum(h_r.sum(dim=-1, keepdim=True)) * r)
         prob = torch.exp(side_log)
-        g = (u - prob * u.sum(dim=-1, keepdim=True)).mul_(scale)
+        g = (u - prob * reduce.sum(u.sum(dim=-1, keepdim=True))).mul_(scale)
         # NB: the gradient w.r.t. a -inf logit is 0, and a token whose incoming gradient is 0
         # gets exactly 0 (its loss may be +inf).
         g = torch.where(live & (side_log != NEG_INF), g, zero)
@@ -265,20 +288,29 @@ def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: boo
 class RecipeLoss(torch.autograd.Function):
     """Per-token recipe loss with the closed-form gradient (first order only).
 
-    ``apply(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts)``
+    ``apply(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts,
+    rows=LOCAL, inplace=False) -> (loss [N], lse [N, 2])``: ``rows`` combines the row reductions of
+    vocabulary shards (the vocabulary-parallel path); ``inplace`` writes the student's gradient over
+    ``student_logits``; ``lse`` (not differentiable) holds each row's ``LSE(s / T)``, ``LSE(t / T)``.
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
-        rows = _Rows.compute(student_logits, teacher_logits, params, row_mask, structure, consts)
-        ctx.save_for_backward(rows.lq, rows.lp, rows.lr, rows.lr_tilde, params, token_weights, row_mask)
-        ctx.structure, ctx.consts = structure, consts
+    def forward(ctx, student_logits, teacher_logits, params, token_weights, row_mask, structure, consts,
+                rows=LOCAL, inplace=False):
+        block = _Rows.compute(student_logits, teacher_logits, params, row_mask, structure, consts, rows)
+        ctx.save_for_backward(block.lq, block.lp, block.lr, block.lr_tilde, params, token_weights, row_mask,
+                              student_logits if inplace else None)
+        ctx.structure, ctx.consts, ctx.rows, ctx.inplace = structure, consts, rows, inplace
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
-        return forward(rows, token_weights, row_mask)
+        ctx.mark_non_differentiable(block.lse)
+        return forward(block, token_weights, row_mask, rows), block.lse
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        lq, lp, lr, lr_tilde, params, token_weights, row_mask = ctx.saved_tensors
-        rows = _Rows(lq, lp, lr, lr_tilde, params, ctx.structure, ctx.consts)
-        grad_s, grad_t = backward(grad_loss, rows, token_weights, row_mask, ctx.dtypes, ctx.needs_input_grad[1])
-        return grad_s, grad_t, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_lse):
+        lq, lp, lr, lr_tilde, params, token_weights, row_mask, student_logits = ctx.saved_tensors
+        block = _Rows(lq, lp, lr, lr_tilde, params, ctx.structure, ctx.consts)
+        grad_s, grad_t = backward(grad_loss, block, token_weights, row_mask, ctx.dtypes, ctx.needs_input_grad[1],
+                                  ctx.rows)
+        if ctx.inplace and grad_s is not None:
+            grad_s = student_logits.copy_(grad_s)
+        return grad_s, grad_t, None, None, None, None, None, None, None

@@ -23,7 +23,7 @@ VOCAB_ALIGN = (None, "truncate", "pad")
 
 def get(name: str, *, temperature: float = 1.0, reduction: str | None = None, t2_scale: bool = False,
         inf_policy: str = "exact", backend: str = "auto", vocab_align: str | None = None,
-        **method_params: Any) -> KDLoss:
+        process_group: Any = None, inplace_backward: bool = False, **method_params: Any) -> KDLoss:
     """Build the loss module for a registered method.
 
     Args:
@@ -43,11 +43,20 @@ def get(name: str, *, temperature: float = 1.0, reduction: str | None = None, t2
             e.g. 151936 vs 152064): ``None`` raises naming both sizes; ``"truncate"`` drops the
             larger one's extra columns; ``"pad"`` pads the smaller one with ``-inf`` columns
             (probability 0, never zeros).
+        process_group: vocabulary parallelism: each rank of this ``torch.distributed`` group
+            passes its shard (columns) of both logits, ``[..., V_rank]``, in rank order; the loss
+            is that of the whole vocabulary (on every rank) and each rank gets its shard's
+            gradient. Every rank must make the same call (tokens, mask, reduction).
+        inplace_backward: the backward writes the gradient w.r.t. the student logits over the
+            student logits themselves (no N x V gradient allocation on the CPU kernel). Only for
+            logits nothing else reads afterwards (autograd's version check raises if something
+            does); not with a Split method (distillm2), which evaluates the rows twice.
         **method_params: the method's own parameters (``kdplug list`` shows them).
     """
     method = REGISTRY.lookup(name)
     return KDLoss(method, temperature=temperature, reduction=reduction, t2_scale=t2_scale,
-                  inf_policy=inf_policy, backend=backend, vocab_align=vocab_align, **method_params)
+                  inf_policy=inf_policy, backend=backend, vocab_align=vocab_align, process_group=process_group,
+                  inplace_backward=inplace_backward, **method_params)
 
 
 def _bind(method: Method, params: dict[str, Any]) -> dict[str, Any]:
@@ -76,11 +85,17 @@ class KDLoss(nn.Module):
     a zero gradient. ``num_items`` replaces the denominator of ``"mean"`` (token count),
     ``"batchmean"`` and ``"sequence"`` (sequence count): pass the global count so that gradient
     accumulation and data parallelism give the gradient of the one big batch.
+
+    ``log_ratio_at=ids`` (integer token ids, the leading shape) also returns, from the same pass,
+    ``log p(id) - log q(id)`` per token at the loss's temperature (teacher minus student; detached,
+    0 on masked tokens): the per-token reward of MiniLLM-style on-policy training. The call then
+    returns ``(loss, log_ratio)``.
     """
 
     def __init__(self, method: Method, *, temperature: float = 1.0, reduction: str | None = None,
                  t2_scale: bool = False, inf_policy: str = "exact", backend: str = "auto",
-                 vocab_align: str | None = None, **method_params: Any):
+                 vocab_align: str | None = None, process_group: Any = None, inplace_backward: bool = False,
+                 **method_params: Any):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature <= 0:
@@ -93,7 +108,14 @@ class KDLoss(nn.Module):
             raise ValueError(f"kdplug.get: backend must be one of {BACKENDS}, got {backend!r}")
         if vocab_align not in VOCAB_ALIGN:
             raise ValueError(f"kdplug.get: vocab_align must be one of {VOCAB_ALIGN}, got {vocab_align!r}")
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(f"kdplug.get: inplace_backward must be a bool, got {inplace_backward!r}")
+        if process_group is not None and vocab_align is not None:
+            raise ValueError("kdplug.get: vocab_align does not apply with process_group (each rank holds a "
+                             "shard of one vocabulary)")
         self.vocab_align = vocab_align
+        self.process_group = process_group
+        self.inplace_backward = inplace_backward
         self.method = method
         self.params = _bind(method, method_params)
         self.temperature = float(temperature)
@@ -105,6 +127,13 @@ class KDLoss(nn.Module):
             raise TypeError(f"method {method.name!r}: build() returned {type(built).__name__}, "
                             "expected a kdplug.Recipe or kdplug.Split")
         self.recipe = built
+        if inplace_backward and isinstance(built, Split):
+            raise ValueError(f"kdplug.get: inplace_backward=True does not apply to {method.name!r}: its Split "
+                             "evaluates the same student rows twice, and the first gradient written would be "
+                             "read as logits by the second")
+        if process_group is not None and built is None:
+            raise ValueError(f"kdplug.get: process_group needs a method with a Recipe; {method.name!r} is defined "
+                             "by torch_loss only")
         default_reduction = built.reduction if isinstance(built, Split) else None
         self.reduction = reduction or default_reduction or "mean"
         self.schedule: Schedule | None = None
@@ -157,8 +186,11 @@ class KDLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
-                **extra: Any) -> torch.Tensor:
+                log_ratio_at: torch.Tensor | None = None, **extra: Any):
         if isinstance(teacher_logits, TopK):
+            if self.process_group is not None or log_ratio_at is not None:
+                raise ValueError("kdplug: a TopK teacher does not combine with process_group= or log_ratio_at= "
+                                 "(the teacher's log-probabilities outside its top k are not known)")
             lead, vocab = _check_logits(student_logits, None)
             _check_topk(teacher_logits, lead)
             teacher = teacher_logits
@@ -168,8 +200,41 @@ class KDLoss(nn.Module):
             teacher = teacher_logits.reshape(-1, vocab)
         token_mask = _token_mask(mask, labels, ignore_index, lead, student_logits.device)
         flags = self._route_flags(extra, lead, student_logits.device)
-        per_token = self._per_token(student_logits.reshape(-1, vocab), teacher, token_mask.reshape(-1), flags)
-        return self._finish(_reduce(per_token.reshape(lead), token_mask, self.reduction, num_items))
+        student_rows, row_mask = student_logits.reshape(-1, vocab), token_mask.reshape(-1)
+        ids = None if log_ratio_at is None else _sampled_ids(log_ratio_at, lead, student_logits.device)
+        per_token, lse = self._per_token(student_rows, teacher, row_mask, flags)
+        loss = self._finish(_reduce(per_token.reshape(lead), token_mask, self.reduction, num_items))
+        if ids is None:
+            return loss
+        # log p(y) - log q(y) = (t_y - s_y) / T - (LSE(t / T) - LSE(s / T)), the LSEs from the pass
+        # above; +-inf where one side is 0, and 0 where both are (as an entry that both give 0).
+        with torch.no_grad():
+            t_y, s_y = self._logits_at(student_rows, teacher, ids.reshape(-1), row_mask).unbind(1)
+            ratio = (t_y - s_y) / self.temperature - (lse[:, 1] - lse[:, 0]).to(t_y.dtype)
+            keep = row_mask & ((t_y != float("-inf")) | (s_y != float("-inf")))
+            ratio = torch.where(keep, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
+        return loss, ratio.reshape(lead)
+
+    def _logits_at(self, student_rows, teacher_rows, ids, row_mask):
+        """``[t[n, ids[n]], s[n, ids[n]]]`` in float64, ``[N, 2]`` (ids index the whole vocabulary;
+        under process_group the rank holding each id contributes it)."""
+        width = student_rows.shape[-1]
+        offset, vocab = 0, width
+        if self.process_group is not None:
+            from ._vocab_parallel import shard_offset
+            offset, vocab = shard_offset(self.process_group, width)
+        ids = torch.where(row_mask, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"kdplug: log_ratio_at holds ids outside [0, {vocab}) on unmasked tokens")
+        local = ids - offset
+        here = (local >= 0) & (local < width) & row_mask
+        col = torch.where(here, local, torch.zeros((), dtype=local.dtype, device=local.device))[:, None]
+        at = torch.cat([teacher_rows.detach().gather(1, col), student_rows.detach().gather(1, col)], 1).double()
+        at = torch.where(here[:, None], at, torch.zeros((), dtype=at.dtype, device=at.device))
+        if self.process_group is not None:  # one rank holds each id, the others add 0
+            import torch.distributed as dist
+            dist.all_reduce(at, group=self.process_group)
+        return at
 
     def fused(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
               student_bias: torch.Tensor | None = None, *, teacher, mask: torch.Tensor | None = None,
@@ -257,7 +322,8 @@ class KDLoss(nn.Module):
         return flags
 
     def _per_token(self, student_rows, teacher, row_mask, flags):
-        """Per-token loss [N] of student rows [N, V] against teacher rows [N, V] or a TopK."""
+        """Per-token loss [N] of student rows [N, V] against teacher rows [N, V] or a TopK, and the
+        rows' [N, 2] LSE(s / T), LSE(t / T) (of the short rows for a TopK)."""
         temperature = self.temperature
         if isinstance(teacher, TopK):
             # Short rows of log-probabilities at the teacher's ids (plus the tail bucket), with
@@ -268,8 +334,9 @@ class KDLoss(nn.Module):
         evaluate = functools.partial(self._evaluate, temperature=temperature, values=values)
         if flags is not None:
             on = row_mask & flags
-            return (evaluate(self.recipe.if_false, student_rows, teacher, row_mask & ~on)
-                    + evaluate(self.recipe.if_true, student_rows, teacher, on))
+            loss_off, lse_off = evaluate(self.recipe.if_false, student_rows, teacher, row_mask & ~on)
+            loss_on, lse_on = evaluate(self.recipe.if_true, student_rows, teacher, on)
+            return loss_off + loss_on, torch.where(on[:, None], lse_on.to(lse_off.dtype), lse_off)
         return evaluate(self.recipe, student_rows, teacher, row_mask)
 
     def _finish(self, loss):
@@ -290,11 +357,24 @@ class KDLoss(nn.Module):
             token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature)
         # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
         # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
+        group, rows = self.process_group, _torch_impl.LOCAL
+        if group is not None:
+            from . import _vocab_parallel
+            rows = _vocab_parallel.ShardedRows(group)
         if self.backend != "torch":
-            reason = _ops.why_cannot_run(student_rows, teacher_rows)
+            if group is None:
+                reason = _ops.why_cannot_run(student_rows, teacher_rows)
+            else:
+                reason = _vocab_parallel.why_cannot_run(student_rows, teacher_rows)
             if reason is None:
-                return _ops.recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask,
-                                        structure, consts)
+                if group is None:
+                    loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask,
+                                                       structure, consts, self.inplace_backward)
+                else:
+                    loss, row_stats = _vocab_parallel.recipe_loss(student_rows, teacher_rows, params, token_weights,
+                                                                  row_mask, structure, consts, group,
+                                                                  self.inplace_backward)
+                return loss, row_stats[:, :2]
             if self.backend == "compiled":
                 raise RuntimeError(f"kdplug: backend='compiled' was requested but the compiled core cannot "
                                    f"run here: {reason}")
@@ -302,7 +382,7 @@ class KDLoss(nn.Module):
             # teacher forward without torch.no_grad(), which also costs its activations' memory.
             _extension.warn_fallback(reason)
         return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
-                                            structure, consts)
+                                            structure, consts, rows, self.inplace_backward)
 
     @staticmethod
     def _log_probs(logits, row_mask, temperature, grad: bool):
@@ -313,6 +393,12 @@ class KDLoss(nn.Module):
 
     def _token_weights(self, recipe, student_rows, teacher_rows, row_mask, temperature):
         with torch.no_grad():
+            if self.process_group is not None:
+                # NB: token weights are a function of whole rows (AKL sorts them): the shards are
+                # gathered here, an N x V temporary per rank, outside autograd.
+                from ._vocab_parallel import gather_columns
+                student_rows = gather_columns(student_rows.detach(), self.process_group)
+                teacher_rows = gather_columns(teacher_rows.detach(), self.process_group)
             weights = recipe.token_weights(self._log_probs(teacher_rows, row_mask, temperature, False),
                                            self._log_probs(student_rows, row_mask, temperature, False))
         if weights.shape != (student_rows.shape[0], len(recipe.terms)):
@@ -327,7 +413,10 @@ class KDLoss(nn.Module):
         if per_token.shape != row_mask.shape:
             raise RuntimeError(f"method {self.method.name!r}: torch_loss returned shape "
                                f"{tuple(per_token.shape)}, expected one value per token {tuple(row_mask.shape)}")
-        return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+        with torch.no_grad():
+            lse = torch.stack([torch.logsumexp(x.detach().to(log_q.dtype) / temperature, dim=-1)
+                               for x in (student_rows, teacher_rows)], dim=1)
+        return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)), lse
 
 
 def _align_vocab(student_logits, teacher_logits, vocab_align=None):
@@ -379,6 +468,15 @@ def _check_logits(student_logits, teacher_logits):
         raise ValueError(f"kdplug: student_logits is on {student_logits.device} but teacher_logits is on "
                          f"{teacher_logits.device}")
     return tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+
+
+def _sampled_ids(ids, lead, device):
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError("kdplug: log_ratio_at must be an integer tensor of token ids")
+    if tuple(ids.shape) != lead:
+        raise ValueError(f"kdplug: log_ratio_at has shape {tuple(ids.shape)}, expected the logits' leading shape "
+                         f"{lead}")
+    return ids.to(device=device, dtype=torch.int64)
 
 
 def _token_mask(mask, labels, ignore_index, lead, device):

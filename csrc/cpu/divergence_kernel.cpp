@@ -2,6 +2,7 @@
 // dispatch. The row loops are in divergence_rows.h (compiled per dtype in rows_<dtype>.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -137,12 +138,11 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_
   return {loss, row_stats};
 }
 
-at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                              const at::Tensor& teacher_logits, const at::Tensor& params,
-                              const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
-                              const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts) {
-  const RecipeDesc d = decode(structure, consts);
-  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+// Checks of the backward's own arguments; writes the gradient to grad (row stride grad_stride).
+void backward_into(const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                   const at::Tensor& params, const std::optional<at::Tensor>& token_weights,
+                   const at::Tensor& row_mask, const at::Tensor& row_stats, const RecipeDesc& d, int64_t N,
+                   void* grad, int64_t grad_stride) {
   const auto cdt = compute_dtype(student_logits.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && grad_loss.scalar_type() == cdt &&
                   grad_loss.device().is_cpu() && row_stats.device().is_cpu(),
@@ -152,9 +152,7 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
                   row_stats.scalar_type() == cdt && row_stats.is_contiguous(),
               "kdplug: row_stats must be the contiguous ", cdt, " [N, ", kStats,
               "] tensor that divergence_fwd returned, got ", row_stats.scalar_type(), " ", row_stats.sizes());
-  at::Tensor grad = at::empty({N, V}, student_logits.options());
-  if (grad.numel() == 0) return grad;
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  if (N == 0 || student_logits.size(1) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_divergence_bwd", [&] {
     using F = compute_t<scalar_t>;
     const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
@@ -162,9 +160,66 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
     const at::Tensor gl = grad_loss.is_contiguous() ? grad_loss : grad_loss.contiguous();
     const F* gl_p = gl.data_ptr<F>();
     const F* stats_p = row_stats.data_ptr<F>();
-    backward_cpu<scalar_t>(a, gl_p, stats_p, grad.data_ptr<scalar_t>());
+    backward_cpu<scalar_t>(a, gl_p, stats_p, static_cast<scalar_t*>(grad), grad_stride);
   });
+}
+
+at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                              const at::Tensor& teacher_logits, const at::Tensor& params,
+                              const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                              const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  at::Tensor grad = at::empty({N, V}, student_logits.options());
+  if (grad.numel() > 0) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  backward_into(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats, d, N,
+                grad.data_ptr(), V);
   return grad;
+}
+
+// The in-place backward: the gradient overwrites student_logits (same rows, same strides), which
+// saves the one N x V allocation. The logits are read before they are overwritten, entry by entry.
+void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                const at::Tensor& teacher_logits, const at::Tensor& params,
+                                const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                                const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  TORCH_CHECK(N <= 1 || V == 0 || student_logits.stride(0) >= V,
+              "kdplug: the in-place backward needs student_logits rows that do not overlap (row stride ",
+              student_logits.stride(0), " < V = ", V, ", e.g. an expanded tensor)");
+  at::assert_no_overlap(student_logits, teacher_logits);
+  backward_into(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats, d, N,
+                student_logits.data_ptr(), student_logits.stride(0));
+}
+
+// Vocabulary-parallel partial row statistics of one shard (stage 0, 1, 2: see partial_rows in
+// divergence_rows.h). given: float64 [N, 2] at stage 1, [N, 3] at stage 2, None at stage 0.
+at::Tensor divergence_partials_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                   const at::Tensor& params, const std::optional<at::Tensor>& token_weights,
+                                   const at::Tensor& row_mask, const std::optional<at::Tensor>& given,
+                                   int64_t stage, at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  TORCH_CHECK(stage >= 0 && stage <= 2, "kdplug: stage must be 0, 1 or 2, got ", stage);
+  TORCH_CHECK(stage != 1 || d.mix == MIX_ALPHA, "kdplug: stage 1 (log Z) is for alpha-mixture recipes only");
+  if (stage == 0) {
+    TORCH_CHECK(!given.has_value(), "kdplug: stage 0 takes no given statistics");
+  } else {
+    const int64_t k = stage == 1 ? 2 : 3;
+    TORCH_CHECK(given.has_value() && given->scalar_type() == at::kDouble && given->dim() == 2 &&
+                    given->size(0) == N && given->size(1) == k && given->is_contiguous() && given->device().is_cpu(),
+                "kdplug: stage ", stage, " needs the global statistics as a contiguous float64 [N, ", k,
+                "] = [", N, ", ", k, "] CPU tensor");
+  }
+  at::Tensor out = at::empty({N, partials_width(static_cast<int>(stage))}, params.options());
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_partials", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
+    partials_cpu<scalar_t>(a, static_cast<int>(stage), given.has_value() ? given->data_ptr<double>() : nullptr,
+                           out.data_ptr<double>());
+  });
+  return out;
 }
 
 }  // namespace
@@ -174,4 +229,6 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
 TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
   m.impl("divergence_fwd", &kdplug::cpu::divergence_fwd_cpu);
   m.impl("divergence_bwd", &kdplug::cpu::divergence_bwd_cpu);
+  m.impl("divergence_bwd_inplace", &kdplug::cpu::divergence_bwd_inplace_cpu);
+  m.impl("divergence_partials", &kdplug::cpu::divergence_partials_cpu);
 }

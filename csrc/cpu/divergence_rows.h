@@ -504,23 +504,15 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
     bool mismatch[NT] = {};
     int packs = 0;
-    // The teacher's log-sum-exp is needed only when a term uses p (not for TAID: r comes from the
-    // logits, lr = g - LSE(g)); otherwise the teacher row is only checked (max, NaN, +inf).
-    bool need_t = !GEO;
-    for (int i = 0; i < NT; ++i) need_t = need_t || lhs[i] == TEACHER || rhs[i] == TEACHER;
-    Vec t_max(std::numeric_limits<F>::lowest());
-    auto t_bad = O::all_false();
+    // NB: the teacher's log-sum-exp is computed even where no term uses p (TAID: r comes from the
+    // logits, lr = g - LSE(g)): row_stats always holds both LSEs, which the per-token log-ratio
+    // at sampled ids reads (KDLoss(..., log_ratio_at=)), for one exp per entry.
     row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       Vec x[NX], w[NX];
       x[TEACHER] = xt;
       x[STUDENT] = xs;
       if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
       for (int k = 0; k < NX; ++k) {
-        if (k == TEACHER && !need_t) {  // only the row check: max, and NaN / +inf
-          t_max = O::max(t_max, xt);
-          t_bad = O::lor(t_bad, O::lnot(O::le(xt, Vec(std::numeric_limits<F>::max()))));
-          continue;
-        }
         if (C10_UNLIKELY(O::any(O::gt(x[k], m[k])))) {
           const Vec m2 = O::max(m[k], x[k]);
           const Vec f = O::exp(m[k] - m2);
@@ -577,16 +569,6 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
         Z[k] += static_cast<double>(zs[k][l]) * scale[k][l];
       }
     }
-    if (!need_t) {
-      // STAT_LSE_T then holds max(t/T) (nothing reads the teacher's LSE for these recipes);
-      // -inf (all -inf) or NaN (NaN / +inf present) fail the check below
-      alignas(64) F tm[W];
-      t_max.store(tm);
-      F mx = -std::numeric_limits<F>::infinity();
-      for (int l = 0; l < W; ++l) mx = std::max(mx, tm[l]);
-      lse[TEACHER] = O::any(t_bad) ? std::numeric_limits<F>::quiet_NaN()
-                                   : mx == std::numeric_limits<F>::lowest() ? -std::numeric_limits<F>::infinity() : mx;
-    }
     c.lse_t = lse[TEACHER];
     c.lse_s = lse[STUDENT];
     if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
@@ -599,7 +581,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     }
     if constexpr (GEO) c.log_z = lse[ASSISTANT];
     {
-      bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || (need_t && std::abs(c.lse_t) > kFusedLseLimit<F>);
+      bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
       if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
       if (large) {
         redo[n] = 1;
@@ -642,15 +624,17 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
 }
 
 // ---- backward ----------------------------------------------------------------------------------
+// In place (grad == a.s): a pack is loaded (RowView::each) before its gradient is stored, and the
+// row's partial last pack was copied when the RowView was made, so every entry is read first.
 template <class scalar_t, int MIX, int SIG>
 void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
-                   scalar_t* grad, int64_t begin, int64_t end) {
+                   scalar_t* grad, int64_t grad_stride, int64_t begin, int64_t end) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using IO = PackIO<scalar_t>;
   constexpr int W = Vec::size();
   for (int64_t n = begin; n < end; ++n) {
-    scalar_t* g = grad + n * a.V;
+    scalar_t* g = grad + n * grad_stride;
     RowConsts<F> c;
     init_row(a.desc, a.params, a.token_weights, n, &c);
     pin_terms<SIG>(c);
@@ -702,6 +686,85 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 #endif
 }
 
+// ---- vocabulary-parallel partial sums -----------------------------------------------------------
+// With the vocabulary split across ranks (kdplug/_vocab_parallel.py), each rank makes the
+// forward's passes over its shard [N, V_shard] and the row statistics are combined in between:
+//   stage 0: out = {LSE(s/T), LSE(t/T), LSE(g)} over the shard (g: the geometric mixture's logits;
+//            -inf without one). Combined by a log-sum-exp across ranks: the global lse_s, lse_t
+//            and, for the geometric mixture, log_z.
+//   stage 1: (alpha-mixture only) given the global {lse_s, lse_t}: out = {LSE(log r~)} over the
+//            shard, combined the same way: the global log Z.
+//   stage 2: given the global {lse_s, lse_t, log_z}: out = {sum_i coef_i sum_k e_i, sum h^q,
+//            sum h^r, sum w h^r, sum w r} over the shard, combined by a sum. Then H^r = sum h^r and
+//            U = sum h^q + sum w h^r - H^r sum w r (forward_rows' expansion of sum_k u_k, which
+//            needs the global H^r: hence its three pieces travel separately).
+// The backward needs nothing more: with the global row_stats, divergence_bwd on a shard gives that
+// shard's columns of the gradient. A shard's row may be all -inf (no error here: the combined
+// LSE is what kdplug/_vocab_parallel.py checks); masked rows are not read and give zeros.
+template <class scalar_t, int MIX>
+void partial_rows(const Args<scalar_t>& a, int stage, const double* given, double* out, int64_t begin, int64_t end) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  const int width = partials_width(stage);
+  for (int64_t n = begin; n < end; ++n) {
+    double* o = out + n * width;
+    for (int j = 0; j < width; ++j) o[j] = 0.0;
+    if (!a.row_mask[n * a.mask_stride]) continue;
+    RowConsts<F> c;
+    init_row(a.desc, a.params, a.token_weights, n, &c);
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+    if (stage == 0) {
+      VecLse<F> ls, lt, lg;
+      row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+        ls.add(xs);
+        lt.add(xt);
+        if constexpr (MIX == MIX_GEOMETRIC) lg.add(geometric_mix(xt, xs, c.lam));
+      });
+      o[0] = ls.value();
+      o[1] = lt.value();
+      o[2] = MIX == MIX_GEOMETRIC ? static_cast<double>(lg.value()) : -std::numeric_limits<double>::infinity();
+      continue;
+    }
+    c.lse_s = static_cast<F>(given[n * (stage == 1 ? 2 : 3)]);
+    c.lse_t = static_cast<F>(given[n * (stage == 1 ? 2 : 3) + 1]);
+    if (stage == 1) {
+      VecLse<F> lz;
+      row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE { lz.add(logs_at<MIX>(c, xs, xt).lr_tilde); });
+      o[0] = lz.value();
+      continue;
+    }
+    c.log_z = static_cast<F>(given[n * 3 + 2]);
+    Vec e_acc[kMaxTerms];
+    for (int i = 0; i < c.n_terms; ++i) e_acc[i] = Vec(F(0));
+    StatAcc<Vec> acc{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
+    double e_tot[kMaxTerms] = {};
+    double sums[4] = {};
+    int packs = 0;
+    auto fold = [&]() KDPLUG_LAMBDA_INLINE {
+      for (int i = 0; i < c.n_terms; ++i) {
+        e_tot[i] += hsum(e_acc[i]);
+        e_acc[i] = Vec(F(0));
+      }
+      sums[0] += hsum(acc.h_q);
+      sums[1] += hsum(acc.h_r);
+      sums[2] += hsum(acc.w_h_r);
+      sums[3] += hsum(acc.w_r);
+      acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
+      packs = 0;
+    };
+    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+      const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
+      stats_at(c, L, h, &acc);
+      if (++packs == 64) fold();
+    });
+    fold();
+    for (int i = 0; i < c.n_terms; ++i)
+      if (c.coef[i] != F(0)) o[0] += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
+    for (int j = 0; j < 4; ++j) o[1 + j] = sums[j];
+  }
+}
+
 }  // namespace detail
 
 template <class scalar_t>
@@ -742,11 +805,22 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
 
 template <class scalar_t>
 void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
-                  scalar_t* grad) {
+                  scalar_t* grad, int64_t grad_stride) {
   using namespace detail;
   dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
-      backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, grad_loss, stats, grad, begin, end);
+      backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, grad_loss, stats, grad, grad_stride,
+                                                                          begin, end);
+    });
+  });
+}
+
+template <class scalar_t>
+void partials_cpu(const Args<scalar_t>& a, int stage, const double* given, double* out) {
+  using namespace detail;
+  dispatch_recipe<false>(a.desc, [&](auto mix, auto) {
+    at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
+      partial_rows<scalar_t, decltype(mix)::value>(a, stage, given, out, begin, end);
     });
   });
 }

@@ -1,4 +1,4 @@
-// The CUDA operators kdplug::divergence_fwd / divergence_bwd: argument checks, allocation, launch.
+// The CUDA operators kdplug::divergence_fwd / divergence_bwd / divergence_bwd_inplace: argument checks, allocation, launch.
 // The kernels are in divergence_kernel.cuh (raw pointers, no torch); this file is the only CUDA
 // source that sees torch, and setup.py compiles it only against a CUDA build of torch. Checks and
 // messages mirror the CPU binding (csrc/cpu/divergence_kernel.cpp), except that nothing here reads
@@ -159,6 +159,18 @@ at::Tensor divergence_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& st
   return grad;
 }
 
+// The in-place backward on CUDA goes through a temporary (the same values; the kernel's gradient
+// rows are [N, V] contiguous and its loads/stores are __restrict__, so writing over the logits
+// directly needs a variant that has not been run on a GPU yet). The CPU kernel writes in place.
+void divergence_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                 const at::Tensor& teacher_logits, const at::Tensor& params,
+                                 const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                                 const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  at::Tensor grad = divergence_bwd_cuda(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask,
+                                        row_stats, structure, consts);
+  const_cast<at::Tensor&>(student_logits).copy_(grad);
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace kdplug
@@ -166,4 +178,5 @@ at::Tensor divergence_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& st
 TORCH_LIBRARY_IMPL(kdplug, CUDA, m) {
   m.impl("divergence_fwd", &kdplug::gpu::divergence_fwd_cuda);
   m.impl("divergence_bwd", &kdplug::gpu::divergence_bwd_cuda);
+  m.impl("divergence_bwd_inplace", &kdplug::gpu::divergence_bwd_inplace_cuda);
 }

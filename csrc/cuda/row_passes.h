@@ -246,25 +246,14 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE F pick(const F (&x)[NX], int k) {  // x[k], rea
   return k == 0 ? x[0] : k == 1 ? x[1] : x[NX - 1];
 }
 
-template <class F, bool GEO>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE bool needs_teacher_lse(const RowConsts<F>& c) {
-  // TAID-like recipes never use p: the teacher row is then only checked (max, NaN, +inf)
-  bool need_t = !GEO;
-  for (int i = 0; i < c.n_terms; ++i)
-    need_t = need_t || c.lhs[i] == math::TEACHER || c.rhs[i] == math::TEACHER;
-  return need_t;
-}
-
 template <class F, bool GEO, int NT>
 struct FusedPass {
   static constexpr int NX = GEO ? 3 : 2;
   F m[NX], z[NX];
   F f[NT], s[NT], tq[NT];
-  F t_max;
   unsigned mismatch;
-  bool t_bad;
 
-  KDPLUG_HOST_DEVICE KDPLUG_INLINE FusedPass() : t_max(lowest<F>()), mismatch(0u), t_bad(false) {
+  KDPLUG_HOST_DEVICE KDPLUG_INLINE FusedPass() : mismatch(0u) {
     for (int k = 0; k < NX; ++k) {
       m[k] = lowest<F>();  // finite: exp(-inf - m) = 0 needs no special case
       z[k] = F(0);
@@ -272,7 +261,9 @@ struct FusedPass {
     for (int i = 0; i < NT; ++i) f[i] = s[i] = tq[i] = F(0);
   }
 
-  KDPLUG_HOST_DEVICE KDPLUG_INLINE void add(const RowConsts<F>& c, bool need_t, F xs, F xt) {
+  // NB: the teacher's LSE is computed even where no term uses p (TAID): row_stats always holds
+  // both LSEs (the per-token log-ratio at sampled ids reads them), as on the CPU.
+  KDPLUG_HOST_DEVICE KDPLUG_INLINE void add(const RowConsts<F>& c, F xs, F xt) {
     using O = math::Ops<F>;
     const F ninf = math::neg_inf<F>();
     F x[NX], w[NX];
@@ -281,11 +272,6 @@ struct FusedPass {
     if (GEO) x[NX - 1] = math::geometric_mix(xt, xs, c.lam);
     for (int k = 0; k < NX; ++k) {
       w[k] = F(0);
-      if (k == math::TEACHER && !need_t) {  // only the row check
-        t_max = O::max(t_max, xt);
-        t_bad = t_bad || !(xt <= -lowest<F>());
-        continue;
-      }
       if (x[k] > m[k]) {  // a new maximum: rescale this operand's sums
         const F fct = O::exp(m[k] - x[k]);
         z[k] = z[k] * fct;
@@ -319,9 +305,7 @@ struct FusedSums {
   static constexpr int NX = GEO ? 3 : 2;
   double m[NX], z[NX];
   double f[NT], s[NT], tq[NT];
-  F t_max;
   unsigned mismatch;
-  int t_bad;
 
   KDPLUG_HOST_DEVICE KDPLUG_INLINE static FusedSums from(const FusedPass<F, GEO, NT>& p) {
     FusedSums o;
@@ -334,9 +318,7 @@ struct FusedSums {
       o.s[i] = static_cast<double>(p.s[i]);
       o.tq[i] = static_cast<double>(p.tq[i]);
     }
-    o.t_max = p.t_max;
     o.mismatch = p.mismatch;
-    o.t_bad = p.t_bad ? 1 : 0;
     return o;
   }
 
@@ -361,9 +343,7 @@ struct FusedSums {
         }
       m[k] = mm;
     }
-    t_max = math::Ops<F>::max(t_max, o.t_max);
     mismatch |= o.mismatch;
-    t_bad = t_bad | o.t_bad;
   }
 };
 
@@ -372,18 +352,12 @@ KDPLUG_HOST_DEVICE void forward_fused(Exec& ex, RowConsts<F>& c, F* loss, F* sta
   using P = FusedPass<F, GEO, NT>;
   using R = FusedSums<F, GEO, NT>;
   constexpr int NX = P::NX;
-  const bool need_t = needs_teacher_lse<F, GEO>(c);
   const R r = ex.row_reduce(
-      P{}, [&](P& st, F xs, F xt) { st.add(c, need_t, xs, xt); }, [](const P& st) { return R::from(st); },
+      P{}, [&](P& st, F xs, F xt) { st.add(c, xs, xt); }, [](const P& st) { return R::from(st); },
       [&](R& a, const R& b) { a.merge(b, c); });
   F lse[NX];
   for (int k = 0; k < NX; ++k)
     lse[k] = r.z[k] == 0.0 ? math::neg_inf<F>() : static_cast<F>(r.m[k] + math::Ops<double>::log(r.z[k]));
-  if (!need_t) {
-    // STAT_LSE_T then holds max(t/T) (nothing reads the teacher's LSE for these recipes);
-    // -inf (all -inf) or NaN (NaN / +inf present) fail the check below
-    lse[math::TEACHER] = r.t_bad ? quiet_nan<F>() : r.t_max == lowest<F>() ? math::neg_inf<F>() : r.t_max;
-  }
   c.lse_t = lse[math::TEACHER];
   c.lse_s = lse[math::STUDENT];
   if (!math::Ops<F>::is_finite(c.lse_s) || !math::Ops<F>::is_finite(c.lse_t)) {
