@@ -182,4 +182,7 @@ class _InplaceRecipeLoss(torch.autograd.Function):
         torch.ops.kdplug.divergence_bwd_inplace(grad_loss.to(_compute_dtype(student_rows.dtype)), student_rows,
                                                 teacher_rows, params, token_weights, row_mask, row_stats,
                                                 ctx.structure, ctx.consts)
+        # NB: an op defined in C++ does not bump the version counter of what it mutates: done here,
+        # so that a node that saved these logits fails autograd's check instead of reading a gradient.
+        torch.autograd.graph.increment_version(student_rows)
         return student_rows, None, None, None, None, None, None

@@ -134,6 +134,7 @@ class _ShardedRecipeLoss(torch.autograd.Function):
                 ctx.structure, ctx.consts)
         if ctx.inplace:
             torch.ops.kdplug.divergence_bwd_inplace(*args)
+            torch.autograd.graph.increment_version(student_rows)  # (as kdplug._ops does)
             grad = student_rows
         else:
             grad = torch.ops.kdplug.divergence_bwd(*args)

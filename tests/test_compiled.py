@@ -231,6 +231,108 @@ def test_opcheck(name, params):
                           (g, s.detach(), t, p, tw, mask, stats, structure, consts))
 
 
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("amid", {"alpha": 0.5}), ("akl", {}), ("taid", {}),
+                                         ("gjsd", {})])
+def test_opcheck_inplace_and_partials(name, params):
+    _, structure, consts, p = packed(name, **params)
+    s, t = make_logits((5, 19), torch.float64, seed=6)
+    mask = torch.tensor([True, True, False, True, True])
+    tw = torch.rand(5, structure[3], dtype=torch.float64) if name == "akl" else None
+    _, stats = torch.ops.kdplug.divergence_fwd(s, t, p, tw, mask, structure, consts)
+    g = torch.randn(5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.kdplug.divergence_bwd_inplace.default,
+                          (g, s.clone(), t, p, tw, mask, stats, structure, consts))
+    lse = torch.ops.kdplug.divergence_partials(s, t, p, tw, mask, None, 0, structure, consts)
+    torch.library.opcheck(torch.ops.kdplug.divergence_partials.default, (s, t, p, tw, mask, None, 0, structure, consts))
+    given = torch.stack([lse[:, 0], lse[:, 1], stats[:, 2]], 1).contiguous()
+    torch.library.opcheck(torch.ops.kdplug.divergence_partials.default,
+                          (s, t, p, tw, mask, given, 2, structure, consts))
+    # one shard = the whole row: stage 2's sums are the forward's loss, H^r and U
+    sums = torch.ops.kdplug.divergence_partials(s, t, p, tw, mask, given, 2, structure, consts)
+    loss, _ = torch.ops.kdplug.divergence_fwd(s, t, p, tw, mask, structure, consts)
+    torch.testing.assert_close(sums[:, 0], loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sums[:, 2], stats[:, 3], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sums[:, 1] + sums[:, 3] - sums[:, 2] * sums[:, 4], stats[:, 4], rtol=1e-9, atol=1e-12)
+
+
+# ---- in-place backward ----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize("name,params", CASES, ids=CASE_IDS)
+def test_inplace_backward(name, params, backend):
+    """The gradient written over the student logits equals the out-of-place one (strided rows,
+    a masked row, bf16 too)."""
+    if name == "distillm2":
+        with pytest.raises(ValueError, match="inplace_backward"):
+            kdplug.get(name, inplace_backward=True, **params)
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = make_logits((6, 41), dtype, seed=11)
+        mask = torch.tensor([True, True, False, True, True, True])
+        leaf = s.detach().clone().requires_grad_()
+        kdplug.get(name, backend=backend, **params)(leaf, t, mask=mask).backward()
+        base = torch.full((6, 50), 7.0, dtype=dtype)
+        base[:, :41] = s
+        x = base.clone().requires_grad_()
+        logits = x * 1  # a non-leaf whose storage the backward overwrites
+        rows = logits[:, :41]  # strided rows (stride 50)
+        kdplug.get(name, backend=backend, inplace_backward=True, **params)(rows, t, mask=mask).backward()
+        torch.testing.assert_close(x.grad[:, :41], leaf.grad, rtol=0, atol=0)
+        torch.testing.assert_close(rows.detach(), leaf.grad, rtol=0, atol=0)  # the logits are now the gradient
+        assert bool((logits.detach()[:, 41:] == 7).all())  # columns outside the rows untouched
+
+
+def test_inplace_backward_never_feeds_a_gradient_as_logits():
+    """Another node that saved the logits sees autograd's version error instead of the gradient."""
+    s, t = make_logits((4, 23), torch.float32)
+    ref = s.clone().requires_grad_()
+    (kdplug.get("fkl")(ref, t) + (ref * ref).sum()).backward()
+    # the square's node was made first, so it runs after the loss's: it must not read a gradient
+    x = s.clone().requires_grad_()
+    logits = x * 1
+    square = (logits * logits).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (square + kdplug.get("fkl", inplace_backward=True)(logits, t)).backward()
+    # made the other way round, the square's backward reads the logits first: a correct gradient
+    x = s.clone().requires_grad_()
+    logits = x * 1
+    loss = kdplug.get("fkl", inplace_backward=True)(logits, t)
+    (loss + (logits * logits).sum()).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+# ---- the per-token log-ratio at sampled ids -----------------------------------------------------------
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "distillm2", "gjsd"])
+def test_log_ratio_at_sampled_ids(name, backend):
+    s, t = make_logits((2, 5, 31), torch.float32, seed=4)
+    s[0, 1, 3] = t[0, 1, 3] = NINF   # both 0: the ratio is 0
+    t[0, 2, 4] = NINF                # teacher 0: -inf
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 4] = False
+    ids = torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(1))
+    ids[0, 1], ids[0, 2] = 3, 4
+    extra = {"student_generated": torch.tensor([True, False])} if name == "distillm2" else {}
+    loss_fn = kdplug.get(name, backend=backend, temperature=1.5)
+    loss, ratio = loss_fn(s, t, mask=mask, log_ratio_at=ids, **extra)
+    torch.testing.assert_close(loss, loss_fn(s, t, mask=mask, **extra))
+    lp = torch.log_softmax(t.double() / 1.5, -1).gather(-1, ids[..., None])[..., 0]
+    lq = torch.log_softmax(s.double() / 1.5, -1).gather(-1, ids[..., None])[..., 0]
+    want = torch.where(mask, lp - lq, torch.zeros(()))
+    want[0, 1] = 0.0
+    assert ratio.dtype == torch.float64 and ratio[0, 2] == NINF
+    torch.testing.assert_close(ratio, want, rtol=1e-5, atol=1e-5)
+
+
+def test_log_ratio_at_bad_ids():
+    s, t = make_logits((3, 7), torch.float32)
+    with pytest.raises(ValueError, match="outside"):
+        kdplug.get("fkl")(s, t, log_ratio_at=torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match="leading shape"):
+        kdplug.get("fkl")(s, t, log_ratio_at=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        kdplug.get("fkl")(s, t, log_ratio_at=torch.zeros(3))
+
+
 @pytest.mark.parametrize("name,params", [("fkl", {}), ("rkl", {}), ("symmetric_kl", {}), ("tvd", {}),
                                          ("skl", {}), ("gjsd", {}), ("abkd", {}), ("amid", {"alpha": 0.5}),
                                          ("amid", {"alpha": 1.0, "order": "qr"})])

@@ -17,7 +17,8 @@ SHAPE = (2, 3, 20)
 # sides except the protected entries), so some rows are all -inf within a shard.
 BOUNDS = {2: [0, 7, 20], 3: [0, 9, 15, 20]}
 BACKEND_NAMES = ["torch"] + (["compiled"] if compiled_available() else [])
-RUNS = [(name, params, backend) for backend in BACKEND_NAMES for name, params in CASES]
+RUNS = [(name, params, backend) for backend in BACKEND_NAMES
+        for name, params in CASES + [("amid", {"inplace_backward": True}), ("taid", {"inplace_backward": True})]]
 
 
 def _free_port():
