@@ -5,7 +5,8 @@ the hidden states' dtype before the divergence), the loss and its gradient w.r.t
 come from the same evaluator as the unfused call (the compiled core when it can run), and the
 gradients w.r.t. the hidden states, the weight and the bias are accumulated right away (the
 weight's and bias's in fp32). The chunk's logits and their gradient are then dropped, so the
-memory above the inputs is a few chunks of logits plus the gradients themselves, whatever N is.
+memory above the inputs is a few chunks of logits plus the gradients themselves, whatever N is
+(the gradient w.r.t. a chunk's logits is written over them, ``inplace_backward``).
 The backward only scales the stored gradients by the incoming one (the reduction is a scalar).
 """
 from __future__ import annotations
@@ -93,8 +94,10 @@ class FusedLMHead(torch.autograd.Function):
                 student_rows = logits
                 if not isinstance(teacher_rows, TopK):
                     student_rows, teacher_rows = align(logits, teacher_rows)
+                # the chunk's logits are ours: their gradient is written over them (a Split reads
+                # the rows twice, so not there)
                 per_token, _ = loss_fn._per_token(student_rows, teacher_rows, row_mask[rows],
-                                                  None if flags is None else flags[rows])
+                                                  None if flags is None else flags[rows], inplace=flags is None)
                 chunk_loss = (per_token * coef[rows].to(per_token.dtype)).sum()
             total += chunk_loss.detach().to(total.dtype)
             if not any(need):

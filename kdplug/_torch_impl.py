@@ -289,14 +289,16 @@ class RecipeLoss(torch.autograd.Function):
     """Per-token recipe loss with the closed-form gradient (first order only).
 
     ``apply(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts,
-    rows=LOCAL, inplace=False) -> (loss [N], lse [N, 2])``: ``rows`` combines the row reductions of
-    vocabulary shards (the vocabulary-parallel path); ``inplace`` writes the student's gradient over
-    ``student_logits``; ``lse`` (not differentiable) holds each row's ``LSE(s / T)``, ``LSE(t / T)``.
+    rows=None, inplace=False) -> (loss [N], lse [N, 2])``: ``rows`` combines the row reductions of
+    vocabulary shards (the vocabulary-parallel path; None: ``LOCAL``); ``inplace`` writes the
+    student's gradient over ``student_logits``; ``lse`` (not differentiable) holds each row's
+    ``LSE(s / T)``, ``LSE(t / T)``.
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, params, token_weights, row_mask, structure, consts,
-                rows=LOCAL, inplace=False):
+                rows=None, inplace=False):
+        rows = LOCAL if rows is None else rows
         block = _Rows.compute(student_logits, teacher_logits, params, row_mask, structure, consts, rows)
         ctx.save_for_backward(block.lq, block.lp, block.lr, block.lr_tilde, params, token_weights, row_mask,
                               student_logits if inplace else None)

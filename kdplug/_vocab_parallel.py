@@ -2,7 +2,8 @@
 
 With ``kdplug.get(name, process_group=group)``, the logits a rank passes are its columns
 ``[..., V_rank]`` of the student's and the teacher's ``[..., V]`` logits (the same columns on both
-sides, ranks in group-rank order, any split). Every per-row quantity the loss and its gradient
+sides, ranks in group-rank order, any split); or both logits are DTensors sharded on their last
+dimension over a 1-D device mesh (``local_shards``). Every per-row quantity the loss and its gradient
 need is a log-sum-exp or a sum over the vocabulary, so each rank computes its shard's part and
 the parts are combined across the group between passes (see ``divergence_partials`` in
 ``csrc/cpu/divergence_rows.h`` for the stages):
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from . import _ops
 
-__all__ = ["ShardedRows", "gather_columns", "recipe_loss", "shard_offset", "why_cannot_run"]
+__all__ = ["ShardedRows", "gather_columns", "local_shards", "recipe_loss", "shard_offset", "why_cannot_run"]
 
 
 class ShardedRows:
@@ -68,6 +69,28 @@ def gather_columns(x: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1)
+
+
+def local_shards(student_logits, teacher_logits, group):
+    """The local shards and the group of DTensor logits sharded on their last dimension over a
+    1-D device mesh (the student's ``to_local`` is differentiable: its gradient is a DTensor with
+    the same placement)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, DTensor):
+            raise TypeError(f"kdplug: {name} is a {type(x).__name__} but the other logits are a DTensor; pass "
+                            "both as DTensors sharded on the vocabulary (last) dimension, or both as local shards")
+        if x.device_mesh.ndim != 1 or len(x.placements) != 1 or not isinstance(x.placements[0], Shard) \
+                or x.placements[0].dim not in (-1, x.dim() - 1):
+            raise ValueError(f"kdplug: {name} must be a DTensor on a 1-D mesh with placement Shard(-1) (the "
+                             f"vocabulary dimension), got {x.placements} on a {x.device_mesh.ndim}-D mesh")
+    if student_logits.device_mesh != teacher_logits.device_mesh:
+        raise ValueError("kdplug: student_logits and teacher_logits are DTensors on different device meshes")
+    mesh_group = student_logits.device_mesh.get_group()
+    if group is not None and group != mesh_group:
+        raise ValueError("kdplug: process_group differs from the DTensors' mesh group; pass one of them")
+    return student_logits.to_local(), teacher_logits.to_local(), mesh_group
 
 
 def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> str | None:

@@ -16,6 +16,7 @@ from ._registry import REGISTRY
 from .spec import Method, Recipe, Schedule, Split
 
 REDUCTIONS = ("mean", "sum", "none", "batchmean", "sequence")
+_WEIGHT_BLOCK_BYTES = 32 << 20  # rows per call of a Recipe's token_weights: 32 MiB of fp32 log-probs
 INF_POLICIES = ("exact", "exclude")
 BACKENDS = ("auto", "compiled", "torch")
 VOCAB_ALIGN = (None, "truncate", "pad")
@@ -187,8 +188,12 @@ class KDLoss(nn.Module):
                 mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
                 log_ratio_at: torch.Tensor | None = None, **extra: Any):
+        group = self.process_group
+        if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
+            from ._vocab_parallel import local_shards
+            student_logits, teacher_logits, group = local_shards(student_logits, teacher_logits, group)
         if isinstance(teacher_logits, TopK):
-            if self.process_group is not None or log_ratio_at is not None:
+            if group is not None or log_ratio_at is not None:
                 raise ValueError("kdplug: a TopK teacher does not combine with process_group= or log_ratio_at= "
                                  "(the teacher's log-probabilities outside its top k are not known)")
             lead, vocab = _check_logits(student_logits, None)
@@ -202,27 +207,28 @@ class KDLoss(nn.Module):
         flags = self._route_flags(extra, lead, student_logits.device)
         student_rows, row_mask = student_logits.reshape(-1, vocab), token_mask.reshape(-1)
         ids = None if log_ratio_at is None else _sampled_ids(log_ratio_at, lead, student_logits.device)
-        per_token, lse = self._per_token(student_rows, teacher, row_mask, flags)
+        per_token, lse = self._per_token(student_rows, teacher, row_mask, flags, group=group)
         loss = self._finish(_reduce(per_token.reshape(lead), token_mask, self.reduction, num_items))
         if ids is None:
             return loss
         # log p(y) - log q(y) = (t_y - s_y) / T - (LSE(t / T) - LSE(s / T)), the LSEs from the pass
         # above; +-inf where one side is 0, and 0 where both are (as an entry that both give 0).
         with torch.no_grad():
-            t_y, s_y = self._logits_at(student_rows, teacher, ids.reshape(-1), row_mask).unbind(1)
+            t_y, s_y = self._logits_at(student_rows, teacher, ids.reshape(-1), row_mask, group).unbind(1)
             ratio = (t_y - s_y) / self.temperature - (lse[:, 1] - lse[:, 0]).to(t_y.dtype)
             keep = row_mask & ((t_y != float("-inf")) | (s_y != float("-inf")))
             ratio = torch.where(keep, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
         return loss, ratio.reshape(lead)
 
-    def _logits_at(self, student_rows, teacher_rows, ids, row_mask):
+    @staticmethod
+    def _logits_at(student_rows, teacher_rows, ids, row_mask, group):
         """``[t[n, ids[n]], s[n, ids[n]]]`` in float64, ``[N, 2]`` (ids index the whole vocabulary;
         under process_group the rank holding each id contributes it)."""
         width = student_rows.shape[-1]
         offset, vocab = 0, width
-        if self.process_group is not None:
+        if group is not None:
             from ._vocab_parallel import shard_offset
-            offset, vocab = shard_offset(self.process_group, width)
+            offset, vocab = shard_offset(group, width)
         ids = torch.where(row_mask, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
         if bool(((ids < 0) | (ids >= vocab)).any()):
             raise ValueError(f"kdplug: log_ratio_at holds ids outside [0, {vocab}) on unmasked tokens")
@@ -231,9 +237,9 @@ class KDLoss(nn.Module):
         col = torch.where(here, local, torch.zeros((), dtype=local.dtype, device=local.device))[:, None]
         at = torch.cat([teacher_rows.detach().gather(1, col), student_rows.detach().gather(1, col)], 1).double()
         at = torch.where(here[:, None], at, torch.zeros((), dtype=at.dtype, device=at.device))
-        if self.process_group is not None:  # one rank holds each id, the others add 0
+        if group is not None:  # one rank holds each id, the others add 0
             import torch.distributed as dist
-            dist.all_reduce(at, group=self.process_group)
+            dist.all_reduce(at, group=group)
         return at
 
     def fused(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -257,6 +263,9 @@ class KDLoss(nn.Module):
         Returns the reduced loss (any reduction but ``"none"``), differentiable w.r.t. the hidden
         states, the weight and the bias: same result as computing the logits and calling the loss.
         """
+        if self.process_group is not None:
+            raise ValueError("kdplug: fused() does not take vocabulary shards (process_group=) yet; call the loss "
+                             "on the sharded logits")
         if self.reduction == "none":
             raise ValueError("kdplug: fused() needs a scalar reduction (mean, sum, batchmean, sequence); "
                              "reduction='none' would keep a value per token to back-propagate")
@@ -321,9 +330,11 @@ class KDLoss(nn.Module):
                             f"{', '.join(sorted(extra))}")
         return flags
 
-    def _per_token(self, student_rows, teacher, row_mask, flags):
+    def _per_token(self, student_rows, teacher, row_mask, flags, inplace=None, group=None):
         """Per-token loss [N] of student rows [N, V] against teacher rows [N, V] or a TopK, and the
-        rows' [N, 2] LSE(s / T), LSE(t / T) (of the short rows for a TopK)."""
+        rows' [N, 2] LSE(s / T), LSE(t / T) (of the short rows for a TopK). ``inplace`` overrides
+        ``inplace_backward`` (the fused lm_head's chunks are always written in place); ``group``:
+        the vocabulary-parallel group of this call (``process_group``, or the DTensors' mesh)."""
         temperature = self.temperature
         if isinstance(teacher, TopK):
             # Short rows of log-probabilities at the teacher's ids (plus the tail bucket), with
@@ -331,7 +342,9 @@ class KDLoss(nn.Module):
             student_rows, teacher = _topk.rows(student_rows, teacher, temperature, student_rows.shape[-1], row_mask)
             temperature = 1.0
         values = self.schedule.value() if self.schedule is not None else {}
-        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values)
+        inplace = self.inplace_backward if inplace is None else inplace
+        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values, inplace=inplace,
+                                     group=group)
         if flags is not None:
             on = row_mask & flags
             loss_off, lse_off = evaluate(self.recipe.if_false, student_rows, teacher, row_mask & ~on)
@@ -347,17 +360,18 @@ class KDLoss(nn.Module):
             self.schedule.on_forward(loss.detach())
         return loss
 
-    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, *, temperature, values):
+    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, *, temperature, values,
+                  inplace, group):
         if recipe is None:  # a torch_loss-only method
             return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask, temperature)
         structure, consts = self._static[id(recipe)]
         params = params_tensor(recipe, temperature, values, student_rows.device)
         token_weights = None
         if recipe.token_weights is not None:
-            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature)
+            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature, group)
         # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
         # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
-        group, rows = self.process_group, _torch_impl.LOCAL
+        rows = None  # the whole row is here (RecipeLoss: _torch_impl.LOCAL)
         if group is not None:
             from . import _vocab_parallel
             rows = _vocab_parallel.ShardedRows(group)
@@ -369,11 +383,10 @@ class KDLoss(nn.Module):
             if reason is None:
                 if group is None:
                     loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask,
-                                                       structure, consts, self.inplace_backward)
+                                                       structure, consts, inplace)
                 else:
                     loss, row_stats = _vocab_parallel.recipe_loss(student_rows, teacher_rows, params, token_weights,
-                                                                  row_mask, structure, consts, group,
-                                                                  self.inplace_backward)
+                                                                  row_mask, structure, consts, group, inplace)
                 return loss, row_stats[:, :2]
             if self.backend == "compiled":
                 raise RuntimeError(f"kdplug: backend='compiled' was requested but the compiled core cannot "
@@ -382,7 +395,7 @@ class KDLoss(nn.Module):
             # teacher forward without torch.no_grad(), which also costs its activations' memory.
             _extension.warn_fallback(reason)
         return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
-                                            structure, consts, rows, self.inplace_backward)
+                                            structure, consts, rows, inplace)
 
     @staticmethod
     def _log_probs(logits, row_mask, temperature, grad: bool):
@@ -391,20 +404,32 @@ class KDLoss(nn.Module):
         x = torch.where(row_mask[:, None], x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
         return torch.log_softmax(x / temperature, dim=-1)
 
-    def _token_weights(self, recipe, student_rows, teacher_rows, row_mask, temperature):
+    def _token_weights(self, recipe, student_rows, teacher_rows, row_mask, temperature, group):
+        """The recipe's per-token term weights, computed on blocks of rows (``_WEIGHT_BLOCK_BYTES``
+        of fp32 log-probabilities each), so that no N x V temporary exists."""
+        n, n_terms = student_rows.shape[0], len(recipe.terms)
+        width = student_rows.shape[-1]
+        if group is not None:
+            from ._vocab_parallel import gather_columns, shard_offset
+            width = shard_offset(group, width)[1]
+        block = max(1, _WEIGHT_BLOCK_BYTES // (4 * width))
+        out = [torch.zeros(0, n_terms, dtype=torch.float64, device=student_rows.device)]
         with torch.no_grad():
-            if self.process_group is not None:
-                # NB: token weights are a function of whole rows (AKL sorts them): the shards are
-                # gathered here, an N x V temporary per rank, outside autograd.
-                from ._vocab_parallel import gather_columns
-                student_rows = gather_columns(student_rows.detach(), self.process_group)
-                teacher_rows = gather_columns(teacher_rows.detach(), self.process_group)
-            weights = recipe.token_weights(self._log_probs(teacher_rows, row_mask, temperature, False),
-                                           self._log_probs(student_rows, row_mask, temperature, False))
-        if weights.shape != (student_rows.shape[0], len(recipe.terms)):
-            raise RuntimeError(f"method {self.method.name!r}: token_weights returned shape "
-                               f"{tuple(weights.shape)}, expected {(student_rows.shape[0], len(recipe.terms))}")
-        return weights.detach()
+            for r0 in range(0, n, block):
+                rows = slice(r0, r0 + block)
+                s, t = student_rows[rows].detach(), teacher_rows[rows].detach()
+                if group is not None:
+                    # NB: token weights are functions of whole rows (AKL's head): each block's
+                    # shards are gathered (every rank walks the same blocks).
+                    s, t = gather_columns(s, group), gather_columns(t, group)
+                weights = recipe.token_weights(self._log_probs(t, row_mask[rows], temperature, False),
+                                               self._log_probs(s, row_mask[rows], temperature, False))
+                if weights.shape != (s.shape[0], n_terms):
+                    raise RuntimeError(f"method {self.method.name!r}: token_weights returned shape "
+                                       f"{tuple(weights.shape)} for {s.shape[0]} rows, expected "
+                                       f"{(s.shape[0], n_terms)}")
+                out.append(weights)
+        return torch.cat(out).detach()
 
     def _evaluate_torch_loss(self, student_rows, teacher_rows, row_mask, temperature):
         log_q = self._log_probs(student_rows, row_mask, temperature, True)
@@ -417,6 +442,10 @@ class KDLoss(nn.Module):
             lse = torch.stack([torch.logsumexp(x.detach().to(log_q.dtype) / temperature, dim=-1)
                                for x in (student_rows, teacher_rows)], dim=1)
         return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)), lse
+
+
+def _is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and type(x).__module__.startswith("torch.distributed")
 
 
 def _align_vocab(student_logits, teacher_logits, vocab_align=None):

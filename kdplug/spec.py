@@ -160,9 +160,11 @@ class Recipe:
     Args:
         terms: one or more :class:`Term`; the per-token loss is their weighted sum.
         assistant: the :class:`Assistant` that ``Operand.ASSISTANT`` refers to.
-        token_weights: optional ``f(log_p_teacher, log_q_student) -> [N, len(terms)]``
-            computed in PyTorch on detached log-probabilities (already divided by the
-            temperature); multiplies each term's weight per token (AKL's head/tail split).
+        token_weights: optional ``f(log_p_teacher, log_q_student) -> [n, len(terms)]``
+            computed in PyTorch on detached log-probabilities ``[n, V]`` (already divided by the
+            temperature); multiplies each term's weight per token (AKL's head/tail split). It is
+            called on blocks of rows (n <= N, a few MiB each), so a token's weights must depend on
+            its own row only.
     """
 
     terms: tuple[Term, ...]

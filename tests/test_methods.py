@@ -335,3 +335,22 @@ def test_labels_equal_mask(name):
     a = fn(s, t, mask=mask, **kw)
     b = fn(s, t, labels=labels, ignore_index=-7, **kw)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("top", [1, 3, 256])
+def test_akl_head_from_topk_equals_the_reference_rule(monkeypatch, top):
+    """The default AKL rule's head found from the top entries (falling back to a sort for long
+    heads) gives the reference's weights, ties at the head's boundary included."""
+    import kdplug.plugins.akl as akl
+
+    monkeypatch.setattr(akl, "_TOP", top)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(-2, 3, (6, 23), generator=g).double() * 1.3,   # many exact ties
+            torch.zeros(2, 23, dtype=torch.float64),                      # uniform: a long head
+            torch.randn(4, 23, generator=g, dtype=torch.float64) * 3]
+    for x in rows:
+        lp = torch.log_softmax(x, -1)
+        lq = torch.log_softmax(x + torch.randn(x.shape, generator=g, dtype=torch.float64), -1)
+        for mu in (0.2, 0.5, 0.8):
+            got = akl.head_tail_weights(lp, lq, mu=mu, variant="official")
+            torch.testing.assert_close(got, ref.akl_weights(lp, lq, mu, "official"), rtol=1e-12, atol=1e-14)

@@ -109,3 +109,45 @@ def test_process_group_rejects_what_cannot_be_sharded():
     topk = kdplug.TopK(torch.tensor([[0], [1]]), torch.zeros(2, 1), kind="logprobs")
     with pytest.raises(ValueError, match="TopK"):
         kdplug.get("fkl", process_group=object())(s, topk)
+
+
+def _dtensor_worker(rank, world, port, s, t, mask, out_loss, out_grad):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for i, (name, backend) in enumerate(DTENSOR_RUNS):
+            x = distribute_tensor(s.clone(), mesh, [Shard(2)]).requires_grad_()
+            teacher = distribute_tensor(t.clone(), mesh, [Shard(2)])
+            loss = kdplug.get(name, backend=backend)(x, teacher, mask=mask)
+            loss.backward()
+            out_loss[i, rank] = loss.detach()
+            grad = x.grad.full_tensor()
+            if rank == 0:
+                out_grad[i] = grad
+    finally:
+        dist.destroy_process_group()
+
+
+DTENSOR_RUNS = [("amid", b) for b in BACKEND_NAMES] + [("akl", "torch"), ("taid", BACKEND_NAMES[-1])]
+
+
+def test_dtensor_logits_sharded_on_the_vocabulary():
+    """DTensors with placement Shard(-1) on a 1-D mesh: the loss and the (DTensor) gradient are the
+    unsharded ones."""
+    world = 3
+    s, t, mask, _, _ = _inputs()
+    out_loss = torch.zeros(len(DTENSOR_RUNS), world, dtype=torch.float64).share_memory_()
+    out_grad = torch.zeros((len(DTENSOR_RUNS),) + SHAPE, dtype=torch.float64).share_memory_()
+    torch.multiprocessing.spawn(_dtensor_worker, args=(world, _free_port(), s, t, mask, out_loss, out_grad),
+                                nprocs=world)
+    for i, (name, backend) in enumerate(DTENSOR_RUNS):
+        x = s.clone().requires_grad_()
+        loss = kdplug.get(name, backend=backend)(x, t, mask=mask)
+        loss.backward()
+        torch.testing.assert_close(out_loss[i], loss.detach().expand(world), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out_grad[i], x.grad, rtol=1e-9, atol=1e-12)
