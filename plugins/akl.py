@@ -53,8 +53,9 @@ def _top_head(p, mu: float):
     v = values.gather(-1, length - 1)
     above, equal = p > v, p == v
     ties_in_head = length - above.sum(-1, keepdim=True)
-    head = above | (equal & (equal.sum(-1, keepdim=True) <= ties_in_head))
-    split = (equal.sum(-1, keepdim=True) > ties_in_head)[:, 0]  # a tie straddles the boundary
+    ties = equal.sum(-1, keepdim=True)
+    head = above | (equal & (ties <= ties_in_head))
+    split = (ties > ties_in_head)[:, 0]  # a tie straddles the boundary
     if bool(split.any()):
         rank = equal[split].cumsum(dim=-1)
         head[split] = above[split] | (equal[split] & (rank <= ties_in_head[split]))
@@ -68,7 +69,7 @@ def head_tail_weights(log_p_teacher, log_q_student, *, mu: float, variant: str):
     out = []
     for lp, lq in zip(log_p_teacher.split(_ROWS_PER_CHUNK), log_q_student.split(_ROWS_PER_CHUNK)):
         p = lp.double().exp()
-        gap = (p - lq.double().exp()).abs()
+        gap = torch.exp(lq.double()).sub_(p).abs_()
         # NB: _top_head branches on the data (ties at the boundary, long heads); under
         # torch.compile the sort keeps the graph static.
         if variant == "official" and not torch.compiler.is_compiling():
