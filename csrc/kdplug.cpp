@@ -14,6 +14,9 @@
 //     d(sum_n grad_loss[n] * loss[n]) / d student_logits, in one pass over each row.
 //   divergence_bwd_inplace(the same arguments) -> ()
 //     The same gradient, written over student_logits (opt-in: saves the N x V allocation).
+//   divergence_bwd_into(the same arguments, grad [N, V]) -> ()
+//     The gradient of the unmasked rows written into grad; masked rows left as they are (a
+//     Split's recipes fill their own rows of one tensor).
 //   divergence_partials(student_logits [N, Vs], teacher_logits [N, Vs], params, token_weights?,
 //                       row_mask, given?, stage, structure, consts) -> float64 [N, 3 | 1 | 5]
 //     One vocabulary shard's partial row statistics (the vocabulary-parallel forward, see
@@ -52,6 +55,10 @@ TORCH_LIBRARY(kdplug, m) {
   m.def(
       "divergence_bwd_inplace(Tensor grad_loss, Tensor(a!) student_logits, Tensor teacher_logits, Tensor params, "
       "Tensor? token_weights, Tensor row_mask, Tensor row_stats, int[] structure, float[] consts) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "divergence_bwd_into(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor params, "
+      "Tensor? token_weights, Tensor row_mask, Tensor row_stats, int[] structure, float[] consts, Tensor(a!) grad) -> ()",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "divergence_partials(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "

@@ -64,9 +64,10 @@ def _teacher_chunk(teacher, rows):
     return teacher[rows]
 
 
-def chunk_rows_for(budget_bytes: int, vocab: int, dtype_bytes: int = 4) -> int:
-    """Rows per chunk so that a chunk's student logits, teacher logits and gradient fit the budget."""
-    return max(1, budget_bytes // (3 * vocab * dtype_bytes))
+def chunk_rows_for(budget_bytes: int, vocab: int, buffers: int = 2, dtype_bytes: int = 4) -> int:
+    """Rows per chunk so that a chunk's ``buffers`` row blocks of logits fit the budget: the student's
+    and the teacher's (the gradient is written over the student's), 3 for a Split (distillm2)."""
+    return max(1, budget_bytes // (buffers * vocab * dtype_bytes))
 
 
 class FusedLMHead(torch.autograd.Function):

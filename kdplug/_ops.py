@@ -14,6 +14,9 @@ and, always:
 - :func:`recipe_loss`: the compiled twin of ``kdplug._torch_impl.RecipeLoss.apply``, with the
   gradient optionally written over the student logits (``divergence_bwd_inplace``).
 
+- :func:`split_recipe_loss`: a Split's recipes on their own rows, with one gradient tensor
+  (``divergence_bwd_into``).
+
 ``divergence_partials`` (the vocabulary-parallel forward's per-shard statistics) is called by
 ``kdplug._vocab_parallel``.
 """
@@ -25,7 +28,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["N_STATS", "recipe_loss", "why_cannot_run"]
+__all__ = ["N_STATS", "recipe_loss", "split_recipe_loss", "why_cannot_run"]
 
 N_STATS = 5  # row_stats columns (csrc/kdplug_math.h, enum Stat)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -153,6 +156,12 @@ if HAS_OPS:
         _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
                              structure, consts)
 
+    @torch.library.register_fake("kdplug::divergence_bwd_into")
+    def _divergence_bwd_into_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask,
+                                  row_stats, structure, consts, grad):
+        _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
+                             structure, consts)
+
     @torch.library.register_fake("kdplug::divergence_partials")
     def _divergence_partials_fake(student_logits, teacher_logits, params, token_weights, row_mask, given, stage,
                                   structure, consts):
@@ -186,3 +195,56 @@ class _InplaceRecipeLoss(torch.autograd.Function):
         # so that a node that saved these logits fails autograd's check instead of reading a gradient.
         torch.autograd.graph.increment_version(student_rows)
         return student_rows, None, None, None, None, None, None
+
+
+def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss ``[N]`` and ``row_stats`` of several recipes, each on its own rows.
+
+    ``parts``: ``(params, token_weights, row_mask, structure, consts)`` per recipe, with disjoint
+    row masks (a Split). The backward writes every recipe's rows into one gradient tensor (the
+    first recipe's ``divergence_bwd`` zero-fills the rows of the others, which
+    ``divergence_bwd_into`` then fills), instead of one N x V gradient per recipe and their sum.
+    """
+    flat = []
+    for params, token_weights, row_mask, structure, consts in parts:
+        if token_weights is not None:
+            token_weights = token_weights.detach().to(torch.float64).contiguous()
+        flat += [params.to(torch.float64), token_weights, row_mask, list(structure), list(consts)]
+    return _SplitRecipeLoss.apply(student_rows, teacher_rows, *flat)
+
+
+class _SplitRecipeLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, *flat):
+        parts = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        loss = row_stats = None
+        saved = [student_rows, teacher_rows]
+        for params, token_weights, row_mask, structure, consts in parts:
+            part_loss, part_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params, token_weights,
+                                                                    row_mask, structure, consts)
+            # masked rows give 0 loss and 0 statistics: the parts add up row by row
+            loss = part_loss if loss is None else loss + part_loss
+            row_stats = part_stats if row_stats is None else row_stats + part_stats
+            saved += [params, token_weights, row_mask, part_stats]
+        ctx.save_for_backward(*saved)
+        ctx.static = [(structure, consts) for _, _, _, structure, consts in parts]
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_stats):
+        student_rows, teacher_rows, *saved = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
+                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+        grad_loss = grad_loss.to(_compute_dtype(student_rows.dtype))
+        grad = None
+        for i, (structure, consts) in enumerate(ctx.static):
+            params, token_weights, row_mask, part_stats = saved[4 * i: 4 * i + 4]
+            args = (grad_loss, student_rows, teacher_rows, params, token_weights, row_mask, part_stats, structure,
+                    consts)
+            if grad is None:
+                grad = torch.ops.kdplug.divergence_bwd(*args)
+            else:
+                torch.ops.kdplug.divergence_bwd_into(*args, grad)
+        return (grad, None) + (None,) * (5 * len(ctx.static))

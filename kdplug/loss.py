@@ -258,7 +258,8 @@ class KDLoss(nn.Module):
                 tuple (the teacher's logits are then made chunk by chunk too, without gradient),
                 or a :class:`kdplug.TopK`.
             chunk_size: tokens per chunk; by default as many as fit ``memory_budget`` bytes for a
-                chunk's student logits, teacher logits and gradient (fp32); the default budget is
+                chunk's student and teacher logits (fp32; the gradient is written over the
+                student's, except for a Split method, which needs a third block); the default budget is
                 5% of one N x V fp32 tensor, clamped to [16 MiB, 256 MiB].
             mask, labels, ignore_index, num_items, extra: as for the unfused call.
 
@@ -310,7 +311,9 @@ class KDLoss(nn.Module):
         n_rows = token_mask.numel()
         if memory_budget is None:
             memory_budget = min(256 << 20, max(16 << 20, n_rows * max(vocab, teacher_vocab) * 4 // 20))
-        chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab)) if chunk_size is None else chunk_size
+        buffers = 3 if flags is not None else 2  # a Split's gradient is not written in place
+        chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab), buffers) if chunk_size is None \
+            else chunk_size
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"kdplug: chunk_size must be a positive int, got {chunk_size!r}")
         align = functools.partial(_align_vocab, vocab_align=self.vocab_align)
@@ -349,8 +352,16 @@ class KDLoss(nn.Module):
                                      group=group)
         if flags is not None:
             on = row_mask & flags
-            loss_off, lse_off = evaluate(self.recipe.if_false, student_rows, teacher, row_mask & ~on)
-            loss_on, lse_on = evaluate(self.recipe.if_true, student_rows, teacher, on)
+            parts = ((self.recipe.if_false, row_mask & ~on), (self.recipe.if_true, on))
+            if group is None and self.backend != "torch" and _ops.why_cannot_run(student_rows, teacher) is None:
+                # both recipes on the compiled core, their gradients written into one tensor
+                loss, row_stats = _ops.split_recipe_loss(
+                    student_rows, teacher,
+                    [self._packed(recipe, student_rows, teacher, mask, temperature, values, None)
+                     for recipe, mask in parts])
+                return loss, row_stats[:, :2]
+            (loss_off, lse_off), (loss_on, lse_on) = (evaluate(recipe, student_rows, teacher, mask)
+                                                      for recipe, mask in parts)
             return loss_off + loss_on, torch.where(on[:, None], lse_on.to(lse_off.dtype), lse_off)
         return evaluate(self.recipe, student_rows, teacher, row_mask)
 
@@ -366,11 +377,8 @@ class KDLoss(nn.Module):
                   inplace, group):
         if recipe is None:  # a torch_loss-only method
             return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask, temperature)
-        structure, consts = self._static[id(recipe)]
-        params = params_tensor(recipe, temperature, values, student_rows.device)
-        token_weights = None
-        if recipe.token_weights is not None:
-            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature, group)
+        params, token_weights, row_mask, structure, consts = self._packed(recipe, student_rows, teacher_rows, row_mask,
+                                                                          temperature, values, group)
         # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
         # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
         rows = None  # the whole row is here (RecipeLoss: _torch_impl.LOCAL)
@@ -398,6 +406,15 @@ class KDLoss(nn.Module):
             _extension.warn_fallback(reason)
         return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
                                             structure, consts, rows, inplace)
+
+    def _packed(self, recipe, student_rows, teacher_rows, row_mask, temperature, values, group):
+        """What the evaluators take for one recipe: (params, token_weights, row_mask, structure, consts)."""
+        structure, consts = self._static[id(recipe)]
+        params = params_tensor(recipe, temperature, values, student_rows.device)
+        token_weights = None
+        if recipe.token_weights is not None:
+            token_weights = self._token_weights(recipe, student_rows, teacher_rows, row_mask, temperature, group)
+        return params, token_weights, row_mask, structure, consts
 
     @staticmethod
     def _log_probs(logits, row_mask, temperature, grad: bool):

@@ -242,6 +242,14 @@ def test_opcheck_inplace_and_partials(name, params):
     g = torch.randn(5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.kdplug.divergence_bwd_inplace.default,
                           (g, s.clone(), t, p, tw, mask, stats, structure, consts))
+    # into: the unmasked rows written, the masked row left as it was
+    into = torch.full_like(s, 5.0)
+    torch.library.opcheck(torch.ops.kdplug.divergence_bwd_into.default,
+                          (g, s, t, p, tw, mask, stats, structure, consts, into.clone()))
+    torch.ops.kdplug.divergence_bwd_into(g, s, t, p, tw, mask, stats, structure, consts, into)
+    full = torch.ops.kdplug.divergence_bwd(g, s, t, p, tw, mask, stats, structure, consts)
+    torch.testing.assert_close(into[mask], full[mask], rtol=0, atol=0)
+    assert bool((into[~mask] == 5.0).all())
     lse = torch.ops.kdplug.divergence_partials(s, t, p, tw, mask, None, 0, structure, consts)
     torch.library.opcheck(torch.ops.kdplug.divergence_partials.default, (s, t, p, tw, mask, None, 0, structure, consts))
     given = torch.stack([lse[:, 0], lse[:, 1], stats[:, 2]], 1).contiguous()

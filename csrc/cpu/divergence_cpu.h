@@ -39,10 +39,11 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
                  std::atomic<int64_t>* bad_row);
 
 // The gradient w.r.t. the student logits, row n at grad + n * grad_stride. grad may be a.s itself
-// (the in-place mode: each entry is read before it is overwritten, by the same thread).
+// (the in-place mode: each entry is read before it is overwritten, by the same thread). Masked
+// rows are zero-filled, or left as they are with skip_masked (another recipe's rows).
 template <class scalar_t>
 void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
-                  scalar_t* grad, int64_t grad_stride);
+                  scalar_t* grad, int64_t grad_stride, bool skip_masked);
 
 // The per-shard partial row statistics of the vocabulary-parallel forward (stage 0, 1 or 2; see
 // partial_rows in divergence_rows.h): given [N, 2 or 3] float64 (null at stage 0), out [N, width].
@@ -53,7 +54,7 @@ constexpr int partials_width(int stage) { return stage == 0 ? 3 : stage == 1 ? 1
 #define KDPLUG_CPU_DTYPES(X) X(float) X(double) X(c10::BFloat16) X(c10::Half)
 #define KDPLUG_DECLARE_EXTERN(T)                                                                      \
   extern template void forward_cpu<T>(const Args<T>&, compute_t<T>*, compute_t<T>*, std::atomic<int64_t>*); \
-  extern template void backward_cpu<T>(const Args<T>&, const compute_t<T>*, const compute_t<T>*, T*, int64_t); \
+  extern template void backward_cpu<T>(const Args<T>&, const compute_t<T>*, const compute_t<T>*, T*, int64_t, bool); \
   extern template void partials_cpu<T>(const Args<T>&, int, const double*, double*);
 KDPLUG_CPU_DTYPES(KDPLUG_DECLARE_EXTERN)
 #undef KDPLUG_DECLARE_EXTERN

@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_
 void backward_into(const at::Tensor& grad_loss, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                    const at::Tensor& params, const std::optional<at::Tensor>& token_weights,
                    const at::Tensor& row_mask, const at::Tensor& row_stats, const RecipeDesc& d, int64_t N,
-                   void* grad, int64_t grad_stride) {
+                   void* grad, int64_t grad_stride, bool skip_masked = false) {
   const auto cdt = compute_dtype(student_logits.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && grad_loss.scalar_type() == cdt &&
                   grad_loss.device().is_cpu() && row_stats.device().is_cpu(),
@@ -160,7 +160,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& student_logits
     const at::Tensor gl = grad_loss.is_contiguous() ? grad_loss : grad_loss.contiguous();
     const F* gl_p = gl.data_ptr<F>();
     const F* stats_p = row_stats.data_ptr<F>();
-    backward_cpu<scalar_t>(a, gl_p, stats_p, static_cast<scalar_t*>(grad), grad_stride);
+    backward_cpu<scalar_t>(a, gl_p, stats_p, static_cast<scalar_t*>(grad), grad_stride, skip_masked);
   });
 }
 
@@ -191,6 +191,26 @@ void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& s
   at::assert_no_overlap(student_logits, teacher_logits);
   backward_into(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats, d, N,
                 student_logits.data_ptr(), student_logits.stride(0));
+}
+
+// The gradient of the unmasked rows written into grad, the masked rows left as they are: the
+// recipes of a Split (distillm2) fill their own rows of one gradient tensor.
+void divergence_bwd_into_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                             const at::Tensor& teacher_logits, const at::Tensor& params,
+                             const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                             const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts,
+                             const at::Tensor& grad) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  TORCH_CHECK(grad.sizes() == student_logits.sizes() && grad.scalar_type() == student_logits.scalar_type() &&
+                  grad.device().is_cpu() && (V <= 1 || grad.stride(1) == 1) && (N <= 1 || grad.stride(0) >= V),
+              "kdplug: grad must be a ", student_logits.scalar_type(), " [", N, ", ", V,
+              "] CPU tensor with contiguous, non-overlapping rows, got ", grad.scalar_type(), " ", grad.sizes(),
+              " strides ", grad.strides());
+  at::assert_no_overlap(grad, student_logits);
+  at::assert_no_overlap(grad, teacher_logits);
+  backward_into(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats, d, N,
+                grad.data_ptr(), grad.stride(0), /*skip_masked=*/true);
 }
 
 // Vocabulary-parallel partial row statistics of one shard (stage 0, 1, 2: see partial_rows in
@@ -230,5 +250,6 @@ TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
   m.impl("divergence_fwd", &kdplug::cpu::divergence_fwd_cpu);
   m.impl("divergence_bwd", &kdplug::cpu::divergence_bwd_cpu);
   m.impl("divergence_bwd_inplace", &kdplug::cpu::divergence_bwd_inplace_cpu);
+  m.impl("divergence_bwd_into", &kdplug::cpu::divergence_bwd_into_cpu);
   m.impl("divergence_partials", &kdplug::cpu::divergence_partials_cpu);
 }

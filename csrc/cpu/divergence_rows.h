@@ -628,7 +628,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
 // row's partial last pack was copied when the RowView was made, so every entry is read first.
 template <class scalar_t, int MIX, int SIG>
 void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
-                   scalar_t* grad, int64_t grad_stride, int64_t begin, int64_t end) {
+                   scalar_t* grad, int64_t grad_stride, bool skip_masked, int64_t begin, int64_t end) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using IO = PackIO<scalar_t>;
@@ -638,7 +638,9 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
     RowConsts<F> c;
     init_row(a.desc, a.params, a.token_weights, n, &c);
     pin_terms<SIG>(c);
-    const F scale = a.row_mask[n * a.mask_stride] ? grad_loss[n] / c.T : F(0);
+    const bool live = a.row_mask[n * a.mask_stride];
+    if (!live && skip_masked) continue;  // another recipe's row
+    const F scale = live ? grad_loss[n] / c.T : F(0);
     if (scale == F(0)) {  // masked, or no incoming gradient: exactly 0, inputs not read
       std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
       continue;
@@ -805,12 +807,12 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
 
 template <class scalar_t>
 void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
-                  scalar_t* grad, int64_t grad_stride) {
+                  scalar_t* grad, int64_t grad_stride, bool skip_masked) {
   using namespace detail;
   dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
       backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, grad_loss, stats, grad, grad_stride,
-                                                                          begin, end);
+                                                                          skip_masked, begin, end);
     });
   });
 }

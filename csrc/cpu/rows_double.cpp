@@ -5,7 +5,7 @@ namespace kdplug {
 namespace cpu {
 
 template void forward_cpu<double>(const Args<double>&, compute_t<double>*, compute_t<double>*, std::atomic<int64_t>*);
-template void backward_cpu<double>(const Args<double>&, const compute_t<double>*, const compute_t<double>*, double*, int64_t);
+template void backward_cpu<double>(const Args<double>&, const compute_t<double>*, const compute_t<double>*, double*, int64_t, bool);
 template void partials_cpu<double>(const Args<double>&, int, const double*, double*);
 
 }  // namespace cpu

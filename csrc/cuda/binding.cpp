@@ -7,6 +7,7 @@
 // row_stats[:, 0:2], which kdplug/_ops.py checks with torch._assert_async (no host sync).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -171,6 +172,17 @@ void divergence_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& 
   const_cast<at::Tensor&>(student_logits).copy_(grad);
 }
 
+// The rows of a Split's recipe into a shared gradient (through a temporary on CUDA for now).
+void divergence_bwd_into_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                              const at::Tensor& teacher_logits, const at::Tensor& params,
+                              const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                              const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts,
+                              const at::Tensor& grad) {
+  at::Tensor rows = divergence_bwd_cuda(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask,
+                                        row_stats, structure, consts);
+  const_cast<at::Tensor&>(grad).copy_(at::where(row_mask.unsqueeze(1), rows, grad));
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace kdplug
@@ -179,4 +191,5 @@ TORCH_LIBRARY_IMPL(kdplug, CUDA, m) {
   m.impl("divergence_fwd", &kdplug::gpu::divergence_fwd_cuda);
   m.impl("divergence_bwd", &kdplug::gpu::divergence_bwd_cuda);
   m.impl("divergence_bwd_inplace", &kdplug::gpu::divergence_bwd_inplace_cuda);
+  m.impl("divergence_bwd_into", &kdplug::gpu::divergence_bwd_into_cuda);
 }
