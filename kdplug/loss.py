@@ -260,7 +260,7 @@ class KDLoss(nn.Module):
             chunk_size: tokens per chunk; by default as many as fit ``memory_budget`` bytes for a
                 chunk's student and teacher logits (fp32; the gradient is written over the
                 student's, except for a Split method, which needs a third block); the default budget is
-                5% of one N x V fp32 tensor, clamped to [16 MiB, 256 MiB].
+                4% of one N x V fp32 tensor, clamped to [16 MiB, 256 MiB].
             mask, labels, ignore_index, num_items, extra: as for the unfused call.
 
         Returns the reduced loss (any reduction but ``"none"``), differentiable w.r.t. the hidden
@@ -310,7 +310,7 @@ class KDLoss(nn.Module):
         from ._fused import FusedLMHead, chunk_rows_for
         n_rows = token_mask.numel()
         if memory_budget is None:
-            memory_budget = min(256 << 20, max(16 << 20, n_rows * max(vocab, teacher_vocab) * 4 // 20))
+            memory_budget = min(256 << 20, max(16 << 20, n_rows * max(vocab, teacher_vocab) * 4 // 25))
         buffers = 3 if flags is not None else 2  # a Split's gradient is not written in place
         chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab), buffers) if chunk_size is None \
             else chunk_size
