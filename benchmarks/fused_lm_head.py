@@ -1,6 +1,6 @@
 """Fused lm_head + loss vs materialized logits: peak memory and time, one process per case.
 
-    python benchmarks/fused_lm_head.py --n 4096 --h 1024 --v 128256 --out benchmarks/fused_lm_head_cpu
+    python benchmarks/fused_lm_head.py --n 4096 --h 1024 --v 128256 --out benchmarks/fused_cpu_h1024
 
 Each case: student hidden [N, H] and lm_head [V, H] (fp32, requiring grad), teacher given as
 hidden states [N, H] and its own lm_head [V, H] (no grad), forward + backward of the token-mean
