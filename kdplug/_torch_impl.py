@@ -285,6 +285,25 @@ def backward(grad_loss, rows, token_weights, row_mask, dtypes, need_teacher: boo
     return grad_student, grad_teacher
 
 
+# Rows per block of the PyTorch path: its temporaries (a dozen or two per block, log-probabilities,
+# mixtures, partials) are a block's size instead of N x V each; the backward recomputes a block's
+# log-probabilities instead of keeping them from the forward. One block for vocabulary shards
+# (every rank must make the same collective calls, and uneven shards would give uneven blocks)
+# and under torch.compile (no graph unrolled over blocks).
+_BLOCK_BYTES = 8 << 20
+
+
+def _blocks(n: int, width: int, rows) -> list[slice]:
+    if rows is not LOCAL or n == 0 or torch.compiler.is_compiling():
+        return [slice(0, n)]
+    step = max(1, _BLOCK_BYTES // (4 * max(width, 1)))
+    return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
+def _block(x, rows: slice):
+    return None if x is None else x[rows]
+
+
 class RecipeLoss(torch.autograd.Function):
     """Per-token recipe loss with the closed-form gradient (first order only).
 
@@ -292,27 +311,44 @@ class RecipeLoss(torch.autograd.Function):
     rows=None, inplace=False) -> (loss [N], lse [N, 2])``: ``rows`` combines the row reductions of
     vocabulary shards (the vocabulary-parallel path; None: ``LOCAL``); ``inplace`` writes the
     student's gradient over ``student_logits``; ``lse`` (not differentiable) holds each row's
-    ``LSE(s / T)``, ``LSE(t / T)``.
+    ``LSE(s / T)``, ``LSE(t / T)``. Rows are evaluated in blocks (``_blocks``).
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, params, token_weights, row_mask, structure, consts,
                 rows=None, inplace=False):
         rows = LOCAL if rows is None else rows
-        block = _Rows.compute(student_logits, teacher_logits, params, row_mask, structure, consts, rows)
-        ctx.save_for_backward(block.lq, block.lp, block.lr, block.lr_tilde, params, token_weights, row_mask,
-                              student_logits if inplace else None)
+        losses, lses = [], []
+        for sl in _blocks(student_logits.shape[0], student_logits.shape[-1], rows):
+            block = _Rows.compute(student_logits[sl], teacher_logits[sl], params, row_mask[sl], structure, consts,
+                                  rows)
+            losses.append(forward(block, _block(token_weights, sl), row_mask[sl], rows))
+            lses.append(block.lse)
+        loss, lse = torch.cat(losses), torch.cat(lses)
+        ctx.save_for_backward(student_logits, teacher_logits, params, token_weights, row_mask)
         ctx.structure, ctx.consts, ctx.rows, ctx.inplace = structure, consts, rows, inplace
-        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
-        ctx.mark_non_differentiable(block.lse)
-        return forward(block, token_weights, row_mask, rows), block.lse
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        lq, lp, lr, lr_tilde, params, token_weights, row_mask, student_logits = ctx.saved_tensors
-        block = _Rows(lq, lp, lr, lr_tilde, params, ctx.structure, ctx.consts)
-        grad_s, grad_t = backward(grad_loss, block, token_weights, row_mask, ctx.dtypes, ctx.needs_input_grad[1],
-                                  ctx.rows)
-        if ctx.inplace and grad_s is not None:
-            grad_s = student_logits.copy_(grad_s)
+        student_logits, teacher_logits, params, token_weights, row_mask = ctx.saved_tensors
+        dtypes = (student_logits.dtype, teacher_logits.dtype)
+        need_student, need_teacher = ctx.needs_input_grad[:2]
+        grad_s = grad_t = None
+        if need_student:
+            grad_s = student_logits if ctx.inplace else torch.empty(
+                student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+        if need_teacher:
+            grad_t = torch.empty(teacher_logits.shape, dtype=teacher_logits.dtype, device=teacher_logits.device)
+        for sl in _blocks(student_logits.shape[0], student_logits.shape[-1], ctx.rows):
+            # NB: in place, a block's logits are read (here) before its gradient overwrites them
+            block = _Rows.compute(student_logits[sl], teacher_logits[sl], params, row_mask[sl], ctx.structure,
+                                  ctx.consts, ctx.rows)
+            gs, gt = backward(grad_loss[sl], block, _block(token_weights, sl), row_mask[sl], dtypes, need_teacher,
+                              ctx.rows)
+            if need_student:
+                grad_s[sl] = gs
+            if need_teacher:
+                grad_t[sl] = gt
         return grad_s, grad_t, None, None, None, None, None, None, None

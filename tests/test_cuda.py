@@ -370,3 +370,22 @@ def test_torch_compile_training_step(name):
         results.append((loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()))
     for compiled, eager in zip(results[0], results[1]):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "gjsd"])
+def test_inplace_backward_and_log_ratio(name):
+    """inplace_backward=True (divergence_bwd_inplace) and log_ratio_at= on CUDA equal the CPU results."""
+    s, t = make_logits((3, 5, 37), torch.float32)
+    ids = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(2))
+    results = []
+    for device in (DEV, "cpu"):
+        x = s.to(device).requires_grad_()
+        logits = x * 1
+        loss, ratio = kdplug.get(name, backend="compiled", inplace_backward=True)(logits, t.to(device),
+                                                                                 log_ratio_at=ids.to(device))
+        loss.backward()
+        torch.testing.assert_close(logits.detach(), x.grad)  # the logits now hold the gradient
+        results.append((loss.detach().cpu(), ratio.cpu(), x.grad.cpu()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
