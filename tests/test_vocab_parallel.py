@@ -65,6 +65,7 @@ def _worker(rank, world, port, runs, s, t, mask, flags, ids, out_loss, out_grad,
                     bad[..., lo:hi].contiguous(), t[..., lo:hi].contiguous())
             except RuntimeError as exc:
                 errors[j, rank] = "student_logits has a row that is not masked but is all -inf" in str(exc)
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +130,7 @@ def _dtensor_worker(rank, world, port, s, t, mask, out_loss, out_grad):
             grad = x.grad.full_tensor()
             if rank == 0:
                 out_grad[i] = grad
+        dist.barrier()  # (as in _worker)
     finally:
         dist.destroy_process_group()
 
