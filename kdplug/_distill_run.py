@@ -471,7 +471,11 @@ def run(cfg: Config) -> dict[str, Any]:
     wall0 = time.perf_counter()
     dist = Dist(cfg.device)
     try:
-        return _run(cfg, dist, wall0, kdplug, _extension)
+        result = _run(cfg, dist, wall0, kdplug, _extension)
+        # NB: no rank may tear the group down while another still finishes a collective (gloo
+        # aborted a rank that way); not on the error path, where the other ranks may never arrive.
+        dist.barrier()
+        return result
     finally:
         dist.close()
 

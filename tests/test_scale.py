@@ -200,6 +200,7 @@ def _data_parallel_worker(rank, world, port, s, t, labels, out):
         count = kdplug.num_items(labels=labels[shard])  # summed over the ranks
         kdplug.get("skl")(x, t[shard], labels=labels[shard], num_items=count).backward()
         out[shard] = x.grad
+        torch.distributed.barrier()  # no rank tears the group down mid-collective
     finally:
         torch.distributed.destroy_process_group()
 
