@@ -15,7 +15,8 @@ and, always:
   gradient optionally written over the student logits (``divergence_bwd_inplace``).
 
 - :func:`split_recipe_loss`: a Split's recipes on their own rows, with one gradient tensor
-  (``divergence_bwd_into``).
+  (``divergence_bwd_into``);
+- :func:`student_grad`: the backward every compiled-core autograd path shares.
 
 ``divergence_partials`` (the vocabulary-parallel forward's per-shard statistics) is called by
 ``kdplug._vocab_parallel``.
@@ -28,7 +29,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["N_STATS", "recipe_loss", "split_recipe_loss", "why_cannot_run"]
+__all__ = ["N_STATS", "recipe_loss", "split_recipe_loss", "student_grad", "why_cannot_run"]
 
 N_STATS = 5  # row_stats columns (csrc/kdplug_math.h, enum Stat)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -75,8 +76,7 @@ def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: 
     instead of reading a gradient. ``row_stats`` (``[N, 5]``, not differentiable) holds each row's
     ``LSE(s / T)`` and ``LSE(t / T)`` in its first two columns.
     """
-    if token_weights is not None:
-        token_weights = token_weights.detach().to(torch.float64).contiguous()
+    token_weights = _op_weights(token_weights)
     params = params.to(torch.float64)
     if inplace:
         loss, row_stats = _InplaceRecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
@@ -96,6 +96,32 @@ def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _op_weights(token_weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Token weights as the ops take them: detached contiguous float64."""
+    return None if token_weights is None else token_weights.detach().to(torch.float64).contiguous()
+
+
+def student_grad(needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights, row_mask,
+                 row_stats, structure, consts, inplace: bool = False):
+    """The backward of every compiled-core autograd path: the gradient w.r.t. the student rows
+    (written over them with ``inplace``), or None when not needed; a teacher that requires grad
+    is an error."""
+    if needs_input_grad[1]:
+        raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
+                           "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+    if not needs_input_grad[0]:
+        return None
+    args = (grad_loss.to(_compute_dtype(student_rows.dtype)), student_rows, teacher_rows, params, token_weights,
+            row_mask, row_stats, structure, consts)
+    if not inplace:
+        return torch.ops.kdplug.divergence_bwd(*args)
+    torch.ops.kdplug.divergence_bwd_inplace(*args)
+    # NB: an op defined in C++ does not bump the version counter of what it mutates: done here, so
+    # that a node that saved these logits fails autograd's check instead of reading a gradient.
+    torch.autograd.graph.increment_version(student_rows)
+    return student_rows
 
 
 if HAS_OPS:
@@ -137,15 +163,7 @@ if HAS_OPS:
         ctx.mark_non_differentiable(row_stats)
 
     def _backward(ctx, grad_loss, _grad_row_stats):
-        student_logits, teacher_logits, params, token_weights, row_mask, row_stats = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
-                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
-        grad_student = None
-        if ctx.needs_input_grad[0]:
-            grad_student = torch.ops.kdplug.divergence_bwd(
-                grad_loss.to(_compute_dtype(student_logits.dtype)), student_logits, teacher_logits, params,
-                token_weights, row_mask, row_stats, ctx.structure, ctx.consts)
+        grad_student = student_grad(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, ctx.structure, ctx.consts)
         return grad_student, None, None, None, None, None, None
 
     torch.library.register_autograd("kdplug::divergence_fwd", _backward, setup_context=_setup_context)
@@ -184,17 +202,9 @@ class _InplaceRecipeLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats):
-        student_rows, teacher_rows, params, token_weights, row_mask, row_stats = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
-                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
-        torch.ops.kdplug.divergence_bwd_inplace(grad_loss.to(_compute_dtype(student_rows.dtype)), student_rows,
-                                                teacher_rows, params, token_weights, row_mask, row_stats,
-                                                ctx.structure, ctx.consts)
-        # NB: an op defined in C++ does not bump the version counter of what it mutates: done here,
-        # so that a node that saved these logits fails autograd's check instead of reading a gradient.
-        torch.autograd.graph.increment_version(student_rows)
-        return student_rows, None, None, None, None, None, None
+        grad = student_grad(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, ctx.structure, ctx.consts,
+                            inplace=True)
+        return grad, None, None, None, None, None, None
 
 
 def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +217,7 @@ def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, pa
     """
     flat = []
     for params, token_weights, row_mask, structure, consts in parts:
-        if token_weights is not None:
-            token_weights = token_weights.detach().to(torch.float64).contiguous()
-        flat += [params.to(torch.float64), token_weights, row_mask, list(structure), list(consts)]
+        flat += [params.to(torch.float64), _op_weights(token_weights), row_mask, list(structure), list(consts)]
     return _SplitRecipeLoss.apply(student_rows, teacher_rows, *flat)
 
 
@@ -234,17 +242,10 @@ class _SplitRecipeLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats):
         student_rows, teacher_rows, *saved = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
-                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
-        grad_loss = grad_loss.to(_compute_dtype(student_rows.dtype))
-        grad = None
-        for i, (structure, consts) in enumerate(ctx.static):
-            params, token_weights, row_mask, part_stats = saved[4 * i: 4 * i + 4]
-            args = (grad_loss, student_rows, teacher_rows, params, token_weights, row_mask, part_stats, structure,
-                    consts)
-            if grad is None:
-                grad = torch.ops.kdplug.divergence_bwd(*args)
-            else:
-                torch.ops.kdplug.divergence_bwd_into(*args, grad)
+        grad = student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, *saved[:4], *ctx.static[0])
+        if grad is not None:
+            grad_loss = grad_loss.to(_compute_dtype(student_rows.dtype))
+            for i, (structure, consts) in enumerate(ctx.static[1:], start=1):
+                torch.ops.kdplug.divergence_bwd_into(grad_loss, student_rows, teacher_rows, *saved[4 * i: 4 * i + 4],
+                                                     structure, consts, grad)
         return (grad, None) + (None,) * (5 * len(ctx.static))

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from . import _ops
 
-__all__ = ["ShardedRows", "gather_columns", "local_shards", "recipe_loss", "shard_offset", "why_cannot_run"]
+__all__ = ["ShardedRows", "gather_columns", "local_shards", "recipe_loss", "shard_offset", "shard_widths",
+           "why_cannot_run"]
 
 
 class ShardedRows:
@@ -50,20 +51,22 @@ class ShardedRows:
         return x
 
 
-def shard_offset(group, width: int) -> tuple[int, int]:
-    """(first column of this rank's shard, the whole vocabulary size) from every rank's ``width``."""
+def shard_widths(group, width: int) -> list[int]:
+    """Every rank's shard width, in rank order, from this rank's ``width``."""
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([width], dtype=torch.int64), group=group)
-    sizes = [int(s) for s in sizes]
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    return [int(s) for s in sizes]
 
 
-def gather_columns(x: torch.Tensor, group) -> torch.Tensor:
-    """The whole rows ``[N, V]`` from every rank's columns ``[N, V_rank]`` (not differentiable)."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([x.shape[-1]], dtype=torch.int64), group=group)
-    sizes = [int(s) for s in sizes]
+def shard_offset(group, width: int) -> tuple[int, int]:
+    """(first column of this rank's shard, the whole vocabulary size) from every rank's ``width``."""
+    sizes = shard_widths(group, width)
+    return sum(sizes[:dist.get_rank(group)]), sum(sizes)
+
+
+def gather_columns(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """The whole rows ``[N, V]`` from every rank's columns ``[N, V_rank]`` (``sizes``: the ranks'
+    widths, ``shard_widths``; not differentiable)."""
     # all_gather takes equal shapes: each shard is padded to the widest, and the padding cut off
     padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1])).contiguous()
     parts = [torch.empty_like(padded) for _ in sizes]
@@ -149,18 +152,8 @@ class _ShardedRecipeLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats):
-        student_rows, teacher_rows, params, token_weights, row_mask, row_stats = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
-                               "teacher_logits requires grad; use backend='torch' for a teacher gradient")
-        args = (grad_loss.to(row_stats.dtype), student_rows, teacher_rows, params, token_weights, row_mask, row_stats,
-                ctx.structure, ctx.consts)
-        if ctx.inplace:
-            torch.ops.kdplug.divergence_bwd_inplace(*args)
-            torch.autograd.graph.increment_version(student_rows)  # (as kdplug._ops does)
-            grad = student_rows
-        else:
-            grad = torch.ops.kdplug.divergence_bwd(*args)
+        grad = _ops.student_grad(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, ctx.structure, ctx.consts,
+                                 inplace=ctx.inplace)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -168,7 +161,6 @@ def recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask, str
                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss ``[N]`` (whole, on every rank) and ``row_stats`` of vocabulary shards on the
     compiled core; the gradient is this rank's columns. Check :func:`why_cannot_run` first."""
-    if token_weights is not None:
-        token_weights = token_weights.detach().to(torch.float64).contiguous()
-    return _ShardedRecipeLoss.apply(student_rows, teacher_rows, params.to(torch.float64), token_weights, row_mask,
+    return _ShardedRecipeLoss.apply(student_rows, teacher_rows, params.to(torch.float64),
+                                    _ops._op_weights(token_weights), row_mask,
                                     list(structure), list(consts), ShardedRows(group), inplace)

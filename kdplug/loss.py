@@ -348,22 +348,13 @@ class KDLoss(nn.Module):
             temperature = 1.0
         values = self.schedule.value() if self.schedule is not None else {}
         inplace = self.inplace_backward if inplace is None else inplace
-        evaluate = functools.partial(self._evaluate, temperature=temperature, values=values, inplace=inplace,
-                                     group=group)
         if flags is not None:
             on = row_mask & flags
-            parts = ((self.recipe.if_false, row_mask & ~on), (self.recipe.if_true, on))
-            if group is None and self.backend != "torch" and _ops.why_cannot_run(student_rows, teacher) is None:
-                # both recipes on the compiled core, their gradients written into one tensor
-                loss, row_stats = _ops.split_recipe_loss(
-                    student_rows, teacher,
-                    [self._packed(recipe, student_rows, teacher, mask, temperature, values, None)
-                     for recipe, mask in parts])
-                return loss, row_stats[:, :2]
-            (loss_off, lse_off), (loss_on, lse_on) = (evaluate(recipe, student_rows, teacher, mask)
-                                                      for recipe, mask in parts)
-            return loss_off + loss_on, torch.where(on[:, None], lse_on.to(lse_off.dtype), lse_off)
-        return evaluate(self.recipe, student_rows, teacher, row_mask)
+            parts = [(self.recipe.if_false, row_mask & ~on), (self.recipe.if_true, on)]
+        else:
+            parts = [(self.recipe, row_mask)]
+        return self._evaluate(parts, student_rows, teacher, temperature=temperature, values=values, inplace=inplace,
+                              group=group)
 
     def _finish(self, loss):
         """T² scaling and the schedule's per-forward hook, after the reduction."""
@@ -373,12 +364,14 @@ class KDLoss(nn.Module):
             self.schedule.on_forward(loss.detach())
         return loss
 
-    def _evaluate(self, recipe: Recipe | None, student_rows, teacher_rows, row_mask, *, temperature, values,
-                  inplace, group):
-        if recipe is None:  # a torch_loss-only method
-            return self._evaluate_torch_loss(student_rows, teacher_rows, row_mask, temperature)
-        params, token_weights, row_mask, structure, consts = self._packed(recipe, student_rows, teacher_rows, row_mask,
-                                                                          temperature, values, group)
+    def _evaluate(self, parts, student_rows, teacher_rows, *, temperature, values, inplace, group):
+        """Per-token loss [N] and [N, 2] LSEs of ``parts``, (recipe, row mask) pairs on disjoint rows:
+        one recipe, or a Split's two."""
+        if parts[0][0] is None:  # a torch_loss-only method (never a Split)
+            return self._evaluate_torch_loss(student_rows, teacher_rows, parts[0][1], temperature)
+        packed = [self._packed(recipe, student_rows, teacher_rows, mask, temperature, values, group)
+                  for recipe, mask in parts]
+        masks = [mask for _, mask in parts]
         # The compiled core when it can run (kdplug._ops.why_cannot_run lists the conditions);
         # otherwise "auto" warns once per reason and takes the PyTorch path, "compiled" raises.
         rows = None  # the whole row is here (RecipeLoss: _torch_impl.LOCAL)
@@ -391,12 +384,13 @@ class KDLoss(nn.Module):
             else:
                 reason = _vocab_parallel.why_cannot_run(student_rows, teacher_rows)
             if reason is None:
-                if group is None:
-                    loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, params, token_weights, row_mask,
-                                                       structure, consts, inplace)
+                if group is not None:
+                    return _combine([_vocab_parallel.recipe_loss(student_rows, teacher_rows, *p, group, inplace)
+                                     for p in packed], masks)
+                if len(packed) > 1:  # a Split: its recipes' gradients written into one tensor
+                    loss, row_stats = _ops.split_recipe_loss(student_rows, teacher_rows, packed)
                 else:
-                    loss, row_stats = _vocab_parallel.recipe_loss(student_rows, teacher_rows, params, token_weights,
-                                                                  row_mask, structure, consts, group, inplace)
+                    loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, *packed[0], inplace)
                 return loss, row_stats[:, :2]
             if self.backend == "compiled":
                 raise RuntimeError(f"kdplug: backend='compiled' was requested but the compiled core cannot "
@@ -404,8 +398,8 @@ class KDLoss(nn.Module):
             # NB: every reason warns, "teacher_logits requires grad" included: the usual cause is a
             # teacher forward without torch.no_grad(), which also costs its activations' memory.
             _extension.warn_fallback(reason)
-        return _torch_impl.RecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
-                                            structure, consts, rows, inplace)
+        return _combine([_torch_impl.RecipeLoss.apply(student_rows, teacher_rows, *p, rows, inplace) for p in packed],
+                        masks)
 
     def _packed(self, recipe, student_rows, teacher_rows, row_mask, temperature, values, group):
         """What the evaluators take for one recipe: (params, token_weights, row_mask, structure, consts)."""
@@ -429,8 +423,9 @@ class KDLoss(nn.Module):
         n, n_terms = student_rows.shape[0], len(recipe.terms)
         width = student_rows.shape[-1]
         if group is not None:
-            from ._vocab_parallel import gather_columns, shard_offset
-            width = shard_offset(group, width)[1]
+            from ._vocab_parallel import gather_columns, shard_widths
+            sizes = shard_widths(group, width)  # once: every block gathers the same shards
+            width = sum(sizes)
         block = max(1, _WEIGHT_BLOCK_BYTES // (4 * width))
         out = [torch.zeros(0, n_terms, dtype=torch.float64, device=student_rows.device)]
         with torch.no_grad():
@@ -440,7 +435,7 @@ class KDLoss(nn.Module):
                 if group is not None:
                     # NB: token weights are functions of whole rows (AKL's head): each block's
                     # shards are gathered (every rank walks the same blocks).
-                    s, t = gather_columns(s, group), gather_columns(t, group)
+                    s, t = gather_columns(s, group, sizes), gather_columns(t, group, sizes)
                 weights = recipe.token_weights(self._log_probs(t, row_mask[rows], temperature, False),
                                                self._log_probs(s, row_mask[rows], temperature, False))
                 if weights.shape != (s.shape[0], n_terms):
@@ -461,6 +456,16 @@ class KDLoss(nn.Module):
             lse = torch.stack([torch.logsumexp(x.detach().to(log_q.dtype) / temperature, dim=-1)
                                for x in (student_rows, teacher_rows)], dim=1)
         return torch.where(row_mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)), lse
+
+
+def _combine(results, masks):
+    """(loss [N], LSEs [N, >= 2]) of recipes on disjoint rows: the losses add (0 off each recipe's
+    rows), the LSEs are each row's own recipe's."""
+    loss, lse = results[0][0], results[0][1][:, :2]
+    for (part_loss, part_lse), mask in zip(results[1:], masks[1:]):
+        loss = loss + part_loss
+        lse = torch.where(mask[:, None], part_lse[:, :2].to(lse.dtype), lse)
+    return loss, lse
 
 
 def _is_dtensor(x) -> bool:
