@@ -1,11 +1,9 @@
 """Top-k teachers, vocabulary alignment and accumulation-/data-parallel-exact counts."""
-import os
-import socket
-
 import pytest
 import torch
 
 import kdplug
+from _common import spawn_gloo_ranks
 
 METHODS = [m.name for m in kdplug.list_methods()]
 NEG_INF = float("-inf")
@@ -185,24 +183,12 @@ def test_num_items_arguments():
         kdplug.num_items()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _data_parallel_worker(rank, world, port, s, t, labels, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        shard = slice(rank * 2, rank * 2 + 2)
-        x = s[shard].clone().requires_grad_()
-        count = kdplug.num_items(labels=labels[shard])  # summed over the ranks
-        kdplug.get("skl")(x, t[shard], labels=labels[shard], num_items=count).backward()
-        out[shard] = x.grad
-        torch.distributed.barrier()  # no rank tears the group down mid-collective
-    finally:
-        torch.distributed.destroy_process_group()
+def _data_parallel_worker(rank, world, s, t, labels, out):
+    shard = slice(rank * 2, rank * 2 + 2)
+    x = s[shard].clone().requires_grad_()
+    count = kdplug.num_items(labels=labels[shard])  # summed over the ranks
+    kdplug.get("skl")(x, t[shard], labels=labels[shard], num_items=count).backward()
+    out[shard] = x.grad
 
 
 def test_data_parallel_ranks_match_the_big_batch():
@@ -214,5 +200,5 @@ def test_data_parallel_ranks_match_the_big_batch():
     big = s.clone().requires_grad_()
     kdplug.get("skl")(big, t, labels=labels).backward()
     out = torch.zeros_like(s).share_memory_()
-    torch.multiprocessing.spawn(_data_parallel_worker, args=(2, _free_port(), s, t, labels, out), nprocs=2)
+    spawn_gloo_ranks(_data_parallel_worker, 2, s, t, labels, out)
     torch.testing.assert_close(out, big.grad, rtol=1e-12, atol=1e-14)

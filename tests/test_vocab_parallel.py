@@ -1,15 +1,12 @@
 """Vocabulary-parallel logits (``process_group=``): with 2 and 3 gloo ranks, each holding a shard
 (columns) of both logits, the loss, the gradient and the sampled-id log-ratio equal the unsharded
 ones, for every registered method and parameter setting, on both backends."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import kdplug
-from _common import CASES, compiled_available
+from _common import CASES, compiled_available, spawn_gloo_ranks
 from reference import make_logits
 
 SHAPE = (2, 3, 20)
@@ -19,12 +16,6 @@ BOUNDS = {2: [0, 7, 20], 3: [0, 9, 15, 20]}
 BACKEND_NAMES = ["torch"] + (["compiled"] if compiled_available() else [])
 RUNS = [(name, params, backend) for backend in BACKEND_NAMES
         for name, params in CASES + [("amid", {"inplace_backward": True}), ("taid", {"inplace_backward": True})]]
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _inputs():
@@ -42,32 +33,25 @@ def _call(name, params, backend, s, t, mask, flags, ids, **options):
     return loss_fn(s, t, mask=mask, log_ratio_at=ids, **extra)
 
 
-def _worker(rank, world, port, runs, s, t, mask, flags, ids, out_loss, out_grad, out_ratio, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
-        for i, (name, params, backend) in enumerate(runs):
-            x = s[..., lo:hi].clone().requires_grad_()
-            loss, ratio = _call(name, params, backend, x, t[..., lo:hi].contiguous(), mask, flags, ids,
-                                process_group=dist.group.WORLD)
-            loss.backward()
-            out_loss[i, rank] = loss.detach()
-            out_ratio[i, rank] = ratio
-            out_grad[i, ..., lo:hi] = x.grad
-        # A row that is all -inf over the whole vocabulary (not only within a shard) is an error.
-        bad = s.clone()
-        bad[0, 1] = float("-inf")
-        for j, backend in enumerate(BACKEND_NAMES):
-            try:
-                kdplug.get("fkl", backend=backend, process_group=dist.group.WORLD)(
-                    bad[..., lo:hi].contiguous(), t[..., lo:hi].contiguous())
-            except RuntimeError as exc:
-                errors[j, rank] = "student_logits has a row that is not masked but is all -inf" in str(exc)
-        dist.barrier()  # no rank tears the group down while another still has collectives in flight
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, runs, s, t, mask, flags, ids, out_loss, out_grad, out_ratio, errors):
+    lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
+    for i, (name, params, backend) in enumerate(runs):
+        x = s[..., lo:hi].clone().requires_grad_()
+        loss, ratio = _call(name, params, backend, x, t[..., lo:hi].contiguous(), mask, flags, ids,
+                            process_group=dist.group.WORLD)
+        loss.backward()
+        out_loss[i, rank] = loss.detach()
+        out_ratio[i, rank] = ratio
+        out_grad[i, ..., lo:hi] = x.grad
+    # A row that is all -inf over the whole vocabulary (not only within a shard) is an error.
+    bad = s.clone()
+    bad[0, 1] = float("-inf")
+    for j, backend in enumerate(BACKEND_NAMES):
+        try:
+            kdplug.get("fkl", backend=backend, process_group=dist.group.WORLD)(
+                bad[..., lo:hi].contiguous(), t[..., lo:hi].contiguous())
+        except RuntimeError as exc:
+            errors[j, rank] = "student_logits has a row that is not masked but is all -inf" in str(exc)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
@@ -78,8 +62,7 @@ def sharded(request):
     out_ratio = torch.zeros((len(RUNS), world) + SHAPE[:2], dtype=torch.float64).share_memory_()
     out_grad = torch.zeros((len(RUNS),) + SHAPE, dtype=torch.float64).share_memory_()
     errors = torch.zeros(len(BACKEND_NAMES), world, dtype=torch.bool).share_memory_()
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), RUNS, s, t, mask, flags, ids, out_loss, out_grad,
-                                               out_ratio, errors), nprocs=world)
+    spawn_gloo_ranks(_worker, world, RUNS, s, t, mask, flags, ids, out_loss, out_grad, out_ratio, errors)
     return world, out_loss, out_grad, out_ratio, errors
 
 
@@ -112,27 +95,20 @@ def test_process_group_rejects_what_cannot_be_sharded():
         kdplug.get("fkl", process_group=object())(s, topk)
 
 
-def _dtensor_worker(rank, world, port, s, t, mask, out_loss, out_grad):
+def _dtensor_worker(rank, world, s, t, mask, out_loss, out_grad):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        for i, (name, backend) in enumerate(DTENSOR_RUNS):
-            x = distribute_tensor(s.clone(), mesh, [Shard(2)]).requires_grad_()
-            teacher = distribute_tensor(t.clone(), mesh, [Shard(2)])
-            loss = kdplug.get(name, backend=backend)(x, teacher, mask=mask)
-            loss.backward()
-            out_loss[i, rank] = loss.detach()
-            grad = x.grad.full_tensor()
-            if rank == 0:
-                out_grad[i] = grad
-        dist.barrier()  # (as in _worker)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    for i, (name, backend) in enumerate(DTENSOR_RUNS):
+        x = distribute_tensor(s.clone(), mesh, [Shard(2)]).requires_grad_()
+        teacher = distribute_tensor(t.clone(), mesh, [Shard(2)])
+        loss = kdplug.get(name, backend=backend)(x, teacher, mask=mask)
+        loss.backward()
+        out_loss[i, rank] = loss.detach()
+        grad = x.grad.full_tensor()
+        if rank == 0:
+            out_grad[i] = grad
 
 
 DTENSOR_RUNS = [("amid", b) for b in BACKEND_NAMES] + [("akl", "torch"), ("taid", BACKEND_NAMES[-1])]
@@ -145,8 +121,7 @@ def test_dtensor_logits_sharded_on_the_vocabulary():
     s, t, mask, _, _ = _inputs()
     out_loss = torch.zeros(len(DTENSOR_RUNS), world, dtype=torch.float64).share_memory_()
     out_grad = torch.zeros((len(DTENSOR_RUNS),) + SHAPE, dtype=torch.float64).share_memory_()
-    torch.multiprocessing.spawn(_dtensor_worker, args=(world, _free_port(), s, t, mask, out_loss, out_grad),
-                                nprocs=world)
+    spawn_gloo_ranks(_dtensor_worker, world, s, t, mask, out_loss, out_grad)
     for i, (name, backend) in enumerate(DTENSOR_RUNS):
         x = s.clone().requires_grad_()
         loss = kdplug.get(name, backend=backend)(x, t, mask=mask)
