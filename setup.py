@@ -101,8 +101,12 @@ def extensions():
     sources = (["csrc/kdplug.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-fast-math: the kernels rely on IEEE infinities and NaN (the zero-probability rules).
+    # -ffp-contract=off: a * b + c is fused into an fma only where the code says so (the inline
+    # exp / log polynomials), not wherever the inliner happens to make it possible, so that the
+    # same formula gives the same bits in every kernel (divergence_fwd_grad vs divergence_bwd).
     # (-Wno-maybe-uninitialized: GCC 12 false positives inside its own AVX-512 intrinsics headers)
-    cxx += ["-fopenmp", "-fno-fast-math", "-fvisibility=hidden", "-Wno-maybe-uninitialized"] + ISA_FLAGS[isa]
+    cxx += ["-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-fvisibility=hidden",
+            "-Wno-maybe-uninitialized"] + ISA_FLAGS[isa]
     define_macros = []
     extension = CppExtension
     kwargs = {}

@@ -9,6 +9,10 @@
 //                  row_mask [N], structure, consts) -> (loss [N], row_stats [N, 5])
 //     Per-token loss (0 on masked rows) and the per-row statistics the backward reads
 //     (csrc/kdplug_math.h, enum Stat). Never computes a gradient.
+//   divergence_fwd_grad(the forward's arguments, grad_scale [N]) -> (loss, row_stats, grad [N, V])
+//     The forward and, computed in the same call, the gradient divergence_bwd gives for
+//     grad_loss = grad_scale (each row's backward pass runs while the row is in cache). CPU only:
+//     the training path when the caller can predict the incoming gradient (kdplug/_ops.py).
 //   divergence_bwd(grad_loss [N], student_logits, teacher_logits, params, token_weights?,
 //                  row_mask, row_stats, structure, consts) -> grad_student [N, V]
 //     d(sum_n grad_loss[n] * loss[n]) / d student_logits, in one pass over each row.
@@ -47,6 +51,11 @@ TORCH_LIBRARY(kdplug, m) {
   m.def(
       "divergence_fwd(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
       "Tensor row_mask, int[] structure, float[] consts) -> (Tensor loss, Tensor row_stats)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "divergence_fwd_grad(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
+      "Tensor row_mask, Tensor grad_scale, int[] structure, float[] consts) -> (Tensor loss, Tensor row_stats, "
+      "Tensor grad)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor params, "

@@ -638,18 +638,28 @@ struct StatAcc {
   V h_q, h_r, w_h_r, w_r;
 };
 
+// Returns the entry's (w h^r, w r) (0 without a live assistant): u = h^q + w h^r - H^r w r once
+// H^r is known (divergence_fwd_grad keeps them for its gradient pass).
+template <class V>
+struct MixTerms {
+  V w_h_r, w_r;
+};
+
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE void stats_at(const RowConsts<F>& c, const Logs<V>& L, const H<V>& h,
-                                               StatAcc<V>* acc) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE MixTerms<V> stats_at(const RowConsts<F>& c, const Logs<V>& L, const H<V>& h,
+                                                      StatAcc<V>* acc) {
   using O = Ops<V>;
   acc->h_q = acc->h_q + h.q;
+  MixTerms<V> out{V(0), V(0)};
   if (c.live_assistant) {
     V w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, c.a);
     V r = O::exp(L.lr);
+    out = MixTerms<V>{w * h.r, w * r};
     acc->h_r = acc->h_r + h.r;
-    acc->w_h_r = acc->w_h_r + w * h.r;
-    acc->w_r = acc->w_r + w * r;
+    acc->w_h_r = acc->w_h_r + out.w_h_r;
+    acc->w_r = acc->w_r + out.w_r;
   }
+  return out;
 }
 
 // The gradient at one entry (backward pass): scale (u - q U), 0 at a -inf student logit.
@@ -662,7 +672,9 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V grad_at(const RowConsts<F>& c, const Logs<V>&
   if (c.live_assistant) {
     V w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, c.a);
     V r = O::exp(L.lr);
-    u = u + w * (h.r - V(H_r) * r);
+    // NB: grouped as (h^q + w h^r) - H^r (w r), the two values stats_at returns, so that the
+    // CPU's divergence_fwd_grad, which keeps them from its forward, gives the same bits
+    u = (u + w * h.r) - V(H_r) * (w * r);
   }
   V q = O::exp(L.lq);
   V g = (u - q * V(U)) * V(scale);

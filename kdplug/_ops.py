@@ -12,7 +12,8 @@ and, always:
 
 - :func:`why_cannot_run`: why the compiled path cannot take given logits (None when it can);
 - :func:`recipe_loss`: the compiled twin of ``kdplug._torch_impl.RecipeLoss.apply``, with the
-  gradient optionally written over the student logits (``divergence_bwd_inplace``).
+  gradient optionally written over the student logits (``divergence_bwd_inplace``), or computed
+  in the forward for eager CPU training (``divergence_fwd_grad``).
 
 - :func:`split_recipe_loss`: a Split's recipes on their own rows, with one gradient tensor
   (``divergence_bwd_into``);
@@ -29,7 +30,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["N_STATS", "recipe_loss", "split_recipe_loss", "student_grad", "why_cannot_run"]
+__all__ = ["N_STATS", "grad_in_forward", "recipe_loss", "split_recipe_loss", "student_grad", "why_cannot_run"]
 
 N_STATS = 5  # row_stats columns (csrc/kdplug_math.h, enum Stat)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -64,9 +65,17 @@ def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> st
     return None
 
 
+def grad_in_forward(student_rows: torch.Tensor) -> bool:
+    """Whether :func:`recipe_loss` computes the gradient in the forward when given ``expected``:
+    eager training on the CPU (under ``torch.compile`` the graph keeps a separate backward)."""
+    return (HAS_OPS and student_rows.device.type == "cpu" and student_rows.requires_grad
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
 def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: torch.Tensor,
                 token_weights: torch.Tensor | None, row_mask: torch.Tensor, structure: Sequence[int],
-                consts: Sequence[float], inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                consts: Sequence[float], inplace: bool = False,
+                expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss ``[N]`` of a packed recipe on the compiled core, and its ``row_stats``.
 
     Same arguments, values and gradient as ``kdplug._torch_impl.RecipeLoss.apply`` (layout in its
@@ -74,13 +83,20 @@ def recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, params: 
     ``inplace``: the backward writes the gradient over ``student_rows`` and returns it (no N x V
     allocation); a later backward that needs those logits then fails autograd's version check
     instead of reading a gradient. ``row_stats`` (``[N, 5]``, not differentiable) holds each row's
-    ``LSE(s / T)`` and ``LSE(t / T)`` in its first two columns.
+    ``LSE(s / T)`` and ``LSE(t / T)`` in its first two columns. ``expected``: the incoming
+    per-token gradient the caller predicts (its reduction's weights, ``[N]``); where
+    :func:`grad_in_forward` holds, the gradient is then computed in the forward
+    (:class:`_ForwardGradRecipeLoss`).
     """
     token_weights = _op_weights(token_weights)
     params = params.to(torch.float64)
     if inplace:
         loss, row_stats = _InplaceRecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
                                                    list(structure), list(consts))
+    elif expected is not None and grad_in_forward(student_rows):
+        expected = expected.detach().to(_compute_dtype(student_rows.dtype)).contiguous()
+        loss, row_stats = _ForwardGradRecipeLoss.apply(student_rows, teacher_rows, params, token_weights, row_mask,
+                                                       expected, list(structure), list(consts))
     else:
         loss, row_stats = torch.ops.kdplug.divergence_fwd(student_rows, teacher_rows, params, token_weights, row_mask,
                                                           list(structure), list(consts))
@@ -144,6 +160,14 @@ if HAS_OPS:
         n = student_logits.shape[0]
         return student_logits.new_empty((n,), dtype=dtype), student_logits.new_empty((n, N_STATS), dtype=dtype)
 
+    @torch.library.register_fake("kdplug::divergence_fwd_grad")
+    def _divergence_fwd_grad_fake(student_logits, teacher_logits, params, token_weights, row_mask, grad_scale,
+                                  structure, consts):
+        loss, row_stats = _divergence_fwd_fake(student_logits, teacher_logits, params, token_weights, row_mask,
+                                               structure, consts)
+        torch._check(grad_scale.shape == (student_logits.shape[0],), lambda: "kdplug: grad_scale must be [N]")
+        return loss, row_stats, student_logits.new_empty(student_logits.shape)
+
     @torch.library.register_fake("kdplug::divergence_bwd")
     def _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
                              structure, consts):
@@ -205,6 +229,51 @@ class _InplaceRecipeLoss(torch.autograd.Function):
         grad = student_grad(ctx.needs_input_grad, grad_loss, *ctx.saved_tensors, ctx.structure, ctx.consts,
                             inplace=True)
         return grad, None, None, None, None, None, None
+
+
+class _ForwardGradRecipeLoss(torch.autograd.Function):
+    """``divergence_fwd_grad``: the gradient for the incoming gradient the caller expects is
+    computed in the forward, while each row is in cache, and kept for the backward.
+
+    Eager training computes the loss and then its gradient, so the gradient's inputs are read
+    from memory once instead of twice, and the expensive per-entry math runs once per training
+    step on cached rows. The backward returns the kept gradient as it is when the incoming
+    gradient equals ``expected`` on every unmasked row (``loss.backward()`` on KDLoss' reduced
+    loss), scales its rows when they differ by a finite factor per row (a loss scaled further: one
+    pass over the gradient; float32 / float64 only), and otherwise (a bfloat16 / float16 gradient
+    scaled, a row that expected 0 receives a gradient, a second backward through the graph)
+    recomputes it with ``divergence_bwd``. The cost: the gradient's
+    memory is held from the forward on, and a forward that is never differentiated did its work.
+    """
+
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, params, token_weights, row_mask, expected, structure, consts):
+        loss, row_stats, grad = torch.ops.kdplug.divergence_fwd_grad(student_rows, teacher_rows, params, token_weights,
+                                                                     row_mask, expected, structure, consts)
+        ctx.save_for_backward(student_rows, teacher_rows, params, token_weights, row_mask, row_stats, expected)
+        ctx.grad = grad
+        ctx.structure, ctx.consts = structure, consts
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_stats):
+        student_rows, teacher_rows, params, token_weights, row_mask, row_stats, expected = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        nones = (None,) * 7
+        if grad is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
+            grad_loss = grad_loss.to(expected.dtype)
+            # masked rows have a zero gradient whatever comes in: compare the unmasked ones
+            one = torch.ones((), dtype=expected.dtype)
+            ratio = torch.where(row_mask, grad_loss, one) / torch.where(row_mask, expected, one)
+            if bool((ratio == 1).all()):
+                return (grad,) + nones
+            # NB: not in bfloat16 / float16: a second rounding of each entry would cost up to an
+            # ulp of the gradient's precision (the divergence_bwd result is rounded once)
+            if grad.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(ratio).all()):
+                return (grad.mul_(ratio[:, None]),) + nones
+        return (student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights,
+                             row_mask, row_stats, ctx.structure, ctx.consts),) + nones
 
 
 def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,7 +209,10 @@ class KDLoss(nn.Module):
         flags = self._route_flags(extra, lead, student_logits.device)
         student_rows, row_mask = student_logits.reshape(-1, vocab), token_mask.reshape(-1)
         ids = None if log_ratio_at is None else _sampled_ids(log_ratio_at, lead, student_logits.device)
-        per_token, lse = self._per_token(student_rows, teacher, row_mask, flags, group=group)
+        expected = None
+        if _ops.grad_in_forward(student_rows) and (num_items is None or torch.as_tensor(num_items).numel() == 1):
+            expected = self._expected_grad(token_mask, num_items)
+        per_token, lse = self._per_token(student_rows, teacher, row_mask, flags, group=group, expected=expected)
         loss = self._finish(_reduce(per_token.reshape(lead), token_mask, self.reduction, num_items))
         if ids is None:
             return loss
@@ -221,6 +224,18 @@ class KDLoss(nn.Module):
             keep = row_mask & ((t_y != float("-inf")) | (s_y != float("-inf")))
             ratio = torch.where(keep, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
         return loss, ratio.reshape(lead)
+
+    def _expected_grad(self, token_mask, num_items):
+        """d loss / d per-token loss as this call's reduction and T² scaling make it ([N]): the
+        incoming gradient the compiled core predicts when it computes the gradient in the forward
+        (``kdplug._ops.recipe_loss(expected=)``; a loss scaled further costs one pass more)."""
+        if self.reduction == "none":
+            weights = token_mask.to(torch.float64)
+        else:
+            weights = _reduction_weights(token_mask, self.reduction, num_items)
+        if self.t2_scale:
+            weights = weights * self.temperature ** 2
+        return weights.reshape(-1)
 
     @staticmethod
     def _logits_at(student_rows, teacher_rows, ids, row_mask, group):
@@ -335,7 +350,7 @@ class KDLoss(nn.Module):
                             f"{', '.join(sorted(extra))}")
         return flags
 
-    def _per_token(self, student_rows, teacher, row_mask, flags, inplace=None, group=None):
+    def _per_token(self, student_rows, teacher, row_mask, flags, inplace=None, group=None, expected=None):
         """Per-token loss [N] of student rows [N, V] against teacher rows [N, V] or a TopK, and the
         rows' [N, 2] LSE(s / T), LSE(t / T) (of the short rows for a TopK). ``inplace`` overrides
         ``inplace_backward`` (the fused lm_head's chunks are always written in place); ``group``:
@@ -354,7 +369,7 @@ class KDLoss(nn.Module):
         else:
             parts = [(self.recipe, row_mask)]
         return self._evaluate(parts, student_rows, teacher, temperature=temperature, values=values, inplace=inplace,
-                              group=group)
+                              group=group, expected=expected)
 
     def _finish(self, loss):
         """T² scaling and the schedule's per-forward hook, after the reduction."""
@@ -364,9 +379,10 @@ class KDLoss(nn.Module):
             self.schedule.on_forward(loss.detach())
         return loss
 
-    def _evaluate(self, parts, student_rows, teacher_rows, *, temperature, values, inplace, group):
+    def _evaluate(self, parts, student_rows, teacher_rows, *, temperature, values, inplace, group, expected=None):
         """Per-token loss [N] and [N, 2] LSEs of ``parts``, (recipe, row mask) pairs on disjoint rows:
-        one recipe, or a Split's two."""
+        one recipe, or a Split's two. ``expected``: the predicted incoming per-token gradient
+        (``_expected_grad``), or None."""
         if parts[0][0] is None:  # a torch_loss-only method (never a Split)
             return self._evaluate_torch_loss(student_rows, teacher_rows, parts[0][1], temperature)
         packed = [self._packed(recipe, student_rows, teacher_rows, mask, temperature, values, group)
@@ -390,7 +406,7 @@ class KDLoss(nn.Module):
                 if len(packed) > 1:  # a Split: its recipes' gradients written into one tensor
                     loss, row_stats = _ops.split_recipe_loss(student_rows, teacher_rows, packed)
                 else:
-                    loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, *packed[0], inplace)
+                    loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, *packed[0], inplace, expected)
                 return loss, row_stats[:, :2]
             if self.backend == "compiled":
                 raise RuntimeError(f"kdplug: backend='compiled' was requested but the compiled core cannot "

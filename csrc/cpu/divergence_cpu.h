@@ -45,6 +45,12 @@ template <class scalar_t>
 void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss, const compute_t<scalar_t>* stats,
                   scalar_t* grad, int64_t grad_stride, bool skip_masked);
 
+// forward_cpu and backward_cpu of each row back to back (the row still in cache), grad_loss =
+// grad_scale; grad is [N, V] contiguous. A rejected row (bad_row) gets a zero gradient.
+template <class scalar_t>
+void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_scale, compute_t<scalar_t>* loss,
+                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row);
+
 // The per-shard partial row statistics of the vocabulary-parallel forward (stage 0, 1 or 2; see
 // partial_rows in divergence_rows.h): given [N, 2 or 3] float64 (null at stage 0), out [N, width].
 template <class scalar_t>
@@ -55,7 +61,9 @@ constexpr int partials_width(int stage) { return stage == 0 ? 3 : stage == 1 ? 1
 #define KDPLUG_DECLARE_EXTERN(T)                                                                      \
   extern template void forward_cpu<T>(const Args<T>&, compute_t<T>*, compute_t<T>*, std::atomic<int64_t>*); \
   extern template void backward_cpu<T>(const Args<T>&, const compute_t<T>*, const compute_t<T>*, T*, int64_t, bool); \
-  extern template void partials_cpu<T>(const Args<T>&, int, const double*, double*);
+  extern template void partials_cpu<T>(const Args<T>&, int, const double*, double*);                 \
+  extern template void forward_backward_cpu<T>(const Args<T>&, const compute_t<T>*, compute_t<T>*, compute_t<T>*, T*, \
+                                               std::atomic<int64_t>*);
 KDPLUG_CPU_DTYPES(KDPLUG_DECLARE_EXTERN)
 #undef KDPLUG_DECLARE_EXTERN
 

@@ -1,4 +1,4 @@
-// The CPU operators kdplug::divergence_fwd / divergence_bwd: argument checks, allocation, dtype
+// The CPU operators (kdplug::divergence_fwd, _bwd, ...): argument checks, allocation, dtype
 // dispatch. The row loops are in divergence_rows.h (compiled per dtype in rows_<dtype>.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -114,6 +114,14 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+// The forward's verdict on the rows: bad = min(2 n + side) over rejected rows (see forward_cpu).
+void check_rows(int64_t bad) {
+  TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(), "kdplug: ",
+              bad % 2 == 0 ? "student_logits" : "teacher_logits",
+              " has a row that is not masked but is all -inf, or holds +inf or NaN (row ", bad / 2,
+              "); mask such rows (mask= or labels=)");
+}
+
 std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_logits,
                                                       const at::Tensor& teacher_logits, const at::Tensor& params,
                                                       const std::optional<at::Tensor>& token_weights,
@@ -130,12 +138,39 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_
     const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
     forward_cpu<scalar_t>(a, loss.data_ptr<F>(), row_stats.data_ptr<F>(), &bad_row);
   });
-  const int64_t bad = bad_row.load();
-  TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(), "kdplug: ",
-              bad % 2 == 0 ? "student_logits" : "teacher_logits",
-              " has a row that is not masked but is all -inf, or holds +inf or NaN (row ", bad / 2,
-              "); mask such rows (mask= or labels=)");
+  check_rows(bad_row.load());
   return {loss, row_stats};
+}
+
+// The forward and the gradient of sum_n grad_scale[n] * loss[n] in one call, each row's backward
+// pass right after its forward passes (the row still in cache): see forward_backward_rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& params,
+    const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask, const at::Tensor& grad_scale,
+    at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  const auto cdt = compute_dtype(student_logits.scalar_type());
+  TORCH_CHECK(grad_scale.dim() == 1 && grad_scale.size(0) == N && grad_scale.scalar_type() == cdt &&
+                  grad_scale.device().is_cpu(),
+              "kdplug: grad_scale must be a ", cdt, " CPU vector [N] = [", N, "], got ", grad_scale.scalar_type(),
+              " ", grad_scale.sizes());
+  const auto opts = student_logits.options().dtype(cdt);
+  at::Tensor loss = at::empty({N}, opts);
+  at::Tensor row_stats = at::empty({N, kStats}, opts);
+  at::Tensor grad = at::empty({N, V}, student_logits.options());
+  if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_(), grad};
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  const at::Tensor gs = grad_scale.contiguous();
+  std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_fwd_grad", [&] {
+    using F = compute_t<scalar_t>;
+    const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
+    forward_backward_cpu<scalar_t>(a, gs.data_ptr<F>(), loss.data_ptr<F>(), row_stats.data_ptr<F>(),
+                                   grad.data_ptr<scalar_t>(), &bad_row);
+  });
+  check_rows(bad_row.load());
+  return {loss, row_stats, grad};
 }
 
 // Checks of the backward's own arguments; writes the gradient to grad (row stride grad_stride).
@@ -248,6 +283,7 @@ at::Tensor divergence_partials_cpu(const at::Tensor& student_logits, const at::T
 
 TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
   m.impl("divergence_fwd", &kdplug::cpu::divergence_fwd_cpu);
+  m.impl("divergence_fwd_grad", &kdplug::cpu::divergence_fwd_grad_cpu);
   m.impl("divergence_bwd", &kdplug::cpu::divergence_bwd_cpu);
   m.impl("divergence_bwd_inplace", &kdplug::cpu::divergence_bwd_inplace_cpu);
   m.impl("divergence_bwd_into", &kdplug::cpu::divergence_bwd_into_cpu);

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "divergence_cpu.h"
 #include "vec_ops.h"
@@ -137,6 +138,14 @@ struct RowView {
     const Vec it(inv_T);
     for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it, IO::load(t + k) * it);
     if (main_end < V) fn(main_end, IO::load(s_tail) * it, IO::load(t_tail) * it);
+  }
+
+  // fn(k, xs): the student side only
+  template <class Fn>
+  KDPLUG_INLINE void each_student(Fn&& fn) const {
+    const Vec it(inv_T);
+    for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it);
+    if (main_end < V) fn(main_end, IO::load(s_tail) * it);
   }
 };
 
@@ -333,9 +342,12 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
 }
 
 // ---- forward -----------------------------------------------------------------------------------
-template <class scalar_t, int MIX, int SIG>
+// KEEP (divergence_fwd_grad, one row): pass 3 also stores each entry's v = h^q + w h^r and w r
+// in kept[0 .. V) and kept[Vp .. Vp + V) (Vp = V rounded up to the pack size), so that the
+// gradient pass needs neither the elements nor the mixture again (see forward_backward_rows).
+template <class scalar_t, int MIX, int SIG, bool KEEP = false>
 void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, int64_t begin,
-                  int64_t end, std::atomic<int64_t>* bad_row) {
+                  int64_t end, std::atomic<int64_t>* bad_row, compute_t<scalar_t>* kept = nullptr) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   for (int64_t n = begin; n < end; ++n) {
@@ -396,7 +408,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
       packs = 0;
     };
-    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    const int64_t Vp = a.V + Vec::size() - 1 - (a.V + Vec::size() - 1) % Vec::size();
+    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
         const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
         if (C10_LIKELY(arith_in_range(lp, lq))) {
@@ -404,11 +417,17 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
           e_acc[0] = e_acc[0] + t.e[0];
           if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
           acc.h_q = acc.h_q + t.h_q;
+          MixTerms<Vec> mt{Vec(F(0)), Vec(F(0))};
           if (c.live_assistant) {
             const Vec wq = Vec(F(1) - c.lam) * t.Q;  // w r
+            mt = MixTerms<Vec>{wq * t.h_r * t.inv_R, wq};
             acc.h_r = acc.h_r + t.h_r;
-            acc.w_h_r = acc.w_h_r + wq * t.h_r * t.inv_R;
-            acc.w_r = acc.w_r + wq;
+            acc.w_h_r = acc.w_h_r + mt.w_h_r;
+            acc.w_r = acc.w_r + mt.w_r;
+          }
+          if constexpr (KEEP) {
+            (t.h_q + mt.w_h_r).store(kept + k);
+            mt.w_r.store(kept + Vp + k);
           }
           if (++packs == 64) fold();
           return;
@@ -416,7 +435,11 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       }
       const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
       const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
-      stats_at(c, L, h, &acc);
+      const MixTerms<Vec> mt = stats_at(c, L, h, &acc);
+      if constexpr (KEEP) {
+        (h.q + mt.w_h_r).store(kept + k);
+        mt.w_r.store(kept + Vp + k);
+      }
       if (++packs == 64) fold();
     });
     fold();
@@ -624,6 +647,32 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
 }
 
 // ---- backward ----------------------------------------------------------------------------------
+// Entries [k, k + W) of a gradient row g of length V (aligned: g sits on a pack boundary), with
+// non-temporal stores where possible; store_fence() once the rows are written.
+template <class scalar_t>
+KDPLUG_INLINE void store_grad_pack(scalar_t* g, int64_t k, int64_t V, bool aligned,
+                                   Vectorized<compute_t<scalar_t>> gk) {
+  using IO = PackIO<scalar_t>;
+  constexpr int W = Vectorized<compute_t<scalar_t>>::size();
+  if (k + W <= V) {
+    if (aligned) {
+      IO::stream(g + k, gk);
+    } else {
+      IO::store(g + k, gk);
+    }
+  } else {
+    alignas(64) scalar_t tail[W];
+    IO::store(tail, gk);
+    std::memcpy(static_cast<void*>(g + k), tail, sizeof(scalar_t) * (V - k));
+  }
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // order the non-temporal stores before the results are handed over
+#endif
+}
+
 // In place (grad == a.s): a pack is loaded (RowView::each) before its gradient is stored, and the
 // row's partial last pack was copied when the RowView was made, so every entry is read first.
 template <class scalar_t, int MIX, int SIG>
@@ -631,7 +680,6 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
                    scalar_t* grad, int64_t grad_stride, bool skip_masked, int64_t begin, int64_t end) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
-  using IO = PackIO<scalar_t>;
   constexpr int W = Vec::size();
   for (int64_t n = begin; n < end; ++n) {
     scalar_t* g = grad + n * grad_stride;
@@ -660,7 +708,10 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
         if (C10_LIKELY(arith_in_range(lp, lq))) {
           const auto t = arith_kl_at<SIG, false>(c, lp, lq, keep_at(c, xs, xt));
           Vec u = t.h_q;
-          if (c.live_assistant) u = u + Vec(F(1) - c.lam) * t.Q * (t.h_r * t.inv_R - Vec(H_r));
+          if (c.live_assistant) {  // grouped as forward_rows keeps it (see grad_at)
+            const Vec wq = Vec(F(1) - c.lam) * t.Q;
+            u = (u + wq * t.h_r * t.inv_R) - Vec(H_r) * wq;
+          }
           gk = Ops<Vec>::select(Ops<Vec>::eq(lq, Vec(neg_inf<F>())), Vec(F(0)), (u - t.Q * Vec(U)) * Vec(scale));
           done = true;
         }
@@ -670,22 +721,81 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
         const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
         gk = grad_at(c, L, h, H_r, U, scale);
       }
-      if (k + W <= a.V) {
-        if (aligned) {
-          IO::stream(g + k, gk);
-        } else {
-          IO::store(g + k, gk);
-        }
-      } else {
-        alignas(64) scalar_t tail[W];
-        IO::store(tail, gk);
-        std::memcpy(static_cast<void*>(g + k), tail, sizeof(scalar_t) * (a.V - k));
-      }
+      store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
     });
   }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();  // order the non-temporal stores before the results are handed over
-#endif
+  store_fence();
+}
+
+// ---- forward and gradient of a row, back to back ------------------------------------------------
+// divergence_fwd_grad: each row's forward passes, then its gradient pass while the row is still in
+// cache (a row pair at V = 128k fp32 is 1 MB), with grad_scale as the incoming per-token gradient.
+//   * recipes with the one-pass forward (logit-space: fkl, rkl, symmetric_kl, akl, taid): that
+//     pass, then backward_rows' pass;
+//   * the others: forward_rows keeps each entry's v = h^q + w h^r and w r (KEEP) in a per-thread
+//     scratch row (2 V floats), and the gradient pass is
+//         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
+//     (grad_at's u, grouped the same way), without the elements, the mixture or its weight again:
+//     the expensive half of the backward's math.
+// The values and the gradient are divergence_fwd's and divergence_bwd's, bit for bit.
+template <class scalar_t, int MIX, int SIG>
+void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<scalar_t>* grad_scale,
+                           compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad, int64_t begin,
+                           int64_t end, std::atomic<int64_t>* bad_row, uint8_t* redo) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  const int64_t Vp = a.V + W - 1 - (a.V + W - 1) % W;
+  std::vector<F> kept;
+  for (int64_t n = begin; n < end; ++n) {
+    F* st = stats + n * kStats;
+    scalar_t* g = grad + n * a.V;
+    st[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();  // stays NaN if the row is rejected
+    bool keep = false;
+    if constexpr (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) {
+      if (fused) {
+        if (a.desc.n_terms == 1) {
+          forward_rows_fused<scalar_t, MIX == MIX_GEOMETRIC, 1>(a, loss, stats, n, n + 1, bad_row, redo);
+        } else {
+          forward_rows_fused<scalar_t, MIX == MIX_GEOMETRIC, 2>(a, loss, stats, n, n + 1, bad_row, redo);
+        }
+      }
+    }
+    if (fused && redo[n]) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
+    if (!fused) {
+      if (kept.empty()) kept.resize(static_cast<size_t>(2 * Vp));
+      forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data());
+      keep = true;
+    }
+    const bool live = a.row_mask[n * a.mask_stride];
+    if (live && !(std::isfinite(st[STAT_LSE_S]) && std::isfinite(st[STAT_LSE_T]))) {
+      // a rejected row (the op raises): no gradient to compute
+      std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
+      continue;
+    }
+    if (!keep) {
+      backward_rows<scalar_t, MIX, SIG>(a, grad_scale, stats, grad, a.V, /*skip_masked=*/false, n, n + 1);
+      continue;
+    }
+    const F T = static_cast<F>(a.params[0]);
+    const F scale = live ? grad_scale[n] / T : F(0);
+    if (scale == F(0)) {  // masked, or no incoming gradient: exactly 0
+      std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
+      continue;
+    }
+    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, F(1) / T);
+    const Vec lse_s(st[STAT_LSE_S]), H_r(st[STAT_H_R]), U(st[STAT_U]), sc(scale), zero(F(0));
+    const Vec ninf(neg_inf<F>());
+    const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
+    row.each_student([&](int64_t k, Vec xs) KDPLUG_LAMBDA_INLINE {
+      const Vec lq = xs - lse_s;
+      const Vec u = Vec::loadu(kept.data() + k) - H_r * Vec::loadu(kept.data() + Vp + k);
+      const Vec gk = O::select(O::eq(lq, ninf), zero, (u - O::exp(lq) * U) * sc);  // grad_at's
+      store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
+    });
+  }
+  store_fence();
 }
 
 // ---- vocabulary-parallel partial sums -----------------------------------------------------------
@@ -813,6 +923,21 @@ void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss,
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
       backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, grad_loss, stats, grad, grad_stride,
                                                                           skip_masked, begin, end);
+    });
+  });
+}
+
+template <class scalar_t>
+void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_scale, compute_t<scalar_t>* loss,
+                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row) {
+  using namespace detail;
+  const bool fused = fused_eligible(a.desc) && !std::getenv("KDPLUG_NO_FUSED");
+  std::vector<uint8_t> redo(static_cast<size_t>(a.N), 0);
+  dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
+    at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
+      forward_backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, fused, grad_scale, loss, stats,
+                                                                                 grad, begin, end, bad_row,
+                                                                                 redo.data());
     });
   });
 }
