@@ -342,9 +342,13 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, F a, F b) {
   V E_aM = O::exp(V(a) * M);                              // (larger side)^alpha
   V E_bM = O::exp(V(b) * M);                              // (larger side)^beta
   V E_m = O::exp(O::select(q_big, V(a), V(b)) * m);       // P^alpha (Q >= P) or Q^beta (P > Q)
-  V phi_a = O::expm1(V(a) * x) * V(F(1) / a);
-  V phi_b = O::expm1(V(b) * x) * V(F(1) / b);
-  V phi_k = O::expm1(V(k) * x) * V(F(1) / k);
+  V em1_a = O::expm1(V(a) * x), em1_b = O::expm1(V(b) * x);
+  V phi_a = em1_a * V(F(1) / a);
+  V phi_b = em1_b * V(F(1) / b);
+  // expm1(k x) = (1 + expm1(a x)) (1 + expm1(b x)) - 1 = em1_a + em1_b + em1_a em1_b: one
+  // transcendental fewer. With em1_a, em1_b in [-1, 0] the result r has |r| >= max(|em1_a|,
+  // |em1_b|) and every term is <= |r| in size, so it keeps expm1's relative precision (a few ulp).
+  V phi_k = (em1_a + em1_b + em1_a * em1_b) * V(F(1) / k);
   // e = -(M^k / d) [phi(x, c) - phi(x, k)], (c, d) = (a, b) if Q >= P else (b, a); M^k = M^a M^b
   V e = O::neg(E_aM * E_bM) * O::select(q_big, (phi_a - phi_k) * V(F(1) / b), (phi_b - phi_k) * V(F(1) / a));
   V dQ = E_aM * phi_a * O::select(q_big, O::neg(E_bM), E_m);
