@@ -567,6 +567,12 @@ struct Logs {
   }
 };
 
+// log r = log r~ - log Z; a mixture that is 0 everywhere (log Z = -inf) stays 0.
+template <class V, class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE V alpha_lr(const RowConsts<F>& c, V lr_tilde) {
+  return c.log_z == neg_inf<F>() ? lr_tilde : lr_tilde - V(c.log_z);
+}
+
 // xs = s / T, xt = t / T at one entry. MIX: the mixture kind when the caller knows it at compile
 // time (kernels specialize on it), else -1 (read from c.mix).
 template <int MIX = -1, class V, class F>
@@ -585,8 +591,19 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at(const RowConsts<F>& c, V xs, V 
     L.lr = L.lr_tilde = arithmetic_mix(L.lp, L.lq, c.log_lam, c.log_1m_lam);  // Z = 1
   } else if (mix == MIX_ALPHA) {
     L.lr_tilde = alpha_mix(L.lp, L.lq, c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a);
-    L.lr = c.log_z == neg_inf<F>() ? L.lr_tilde : L.lr_tilde - V(c.log_z);
+    L.lr = alpha_lr(c, L.lr_tilde);
   }
+  return L;
+}
+
+// logs_at of the alpha-mixture, given its log r~ (the CPU forward keeps pass 2's for pass 3).
+template <class V, class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at_alpha(const RowConsts<F>& c, V xs, V xt, V lr_tilde) {
+  Logs<V> L;
+  L.lq = xs - V(c.lse_s);
+  L.lp = xt - V(c.lse_t);
+  L.lr_tilde = lr_tilde;
+  L.lr = alpha_lr(c, lr_tilde);
   return L;
 }
 

@@ -12,7 +12,8 @@
 //            log-sum-exps (forward_rows_fused)
 //   forward, any other recipe (forward_rows):
 //            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
-//            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z)
+//            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z),
+//               log r~ kept for pass 3
 //            3. the elements: per-term loss sums and the sums behind U and H^r (row_stats)
 //   backward ONE pass: grad = scale (u - q U) / T, written once with non-temporal stores; rows
 //            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
@@ -382,10 +383,20 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     }
     if constexpr (MIX == MIX_GEOMETRIC) c.log_z = lg.value();
 
-    // pass 2: the alpha-mixture's normalizer
+    // pass 2: the alpha-mixture's normalizer; log r~ (2-4 transcendentals an entry) is kept in a
+    // per-thread row for pass 3
+    const int64_t Vp = a.V + Vec::size() - 1 - (a.V + Vec::size() - 1) % Vec::size();
+    F* lr_tilde = nullptr;
     if constexpr (MIX == MIX_ALPHA) {
+      thread_local std::vector<F> lr_tilde_row;
+      if (static_cast<int64_t>(lr_tilde_row.size()) < Vp) lr_tilde_row.resize(static_cast<size_t>(Vp));
+      lr_tilde = lr_tilde_row.data();
       VecLse<F> lz;
-      row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE { lz.add(logs_at<MIX>(c, xs, xt).lr_tilde); });
+      row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+        const Vec l = logs_at<MIX>(c, xs, xt).lr_tilde;
+        l.store(lr_tilde + k);
+        lz.add(l);
+      });
       c.log_z = lz.value();
     }
 
@@ -408,7 +419,6 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
       packs = 0;
     };
-    const int64_t Vp = a.V + Vec::size() - 1 - (a.V + Vec::size() - 1) % Vec::size();
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
         const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
@@ -433,7 +443,12 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
           return;
         }
       }
-      const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+      Logs<Vec> L;
+      if constexpr (MIX == MIX_ALPHA) {
+        L = logs_at_alpha(c, xs, xt, Vec::loadu(lr_tilde + k));
+      } else {
+        L = logs_at<MIX>(c, xs, xt);
+      }
       const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
       const MixTerms<Vec> mt = stats_at(c, L, h, &acc);
       if constexpr (KEEP) {
