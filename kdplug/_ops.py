@@ -240,9 +240,9 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
     step on cached rows. The backward returns the kept gradient as it is when the incoming
     gradient equals ``expected`` on every unmasked row (``loss.backward()`` on KDLoss' reduced
     loss), scales its rows when they differ by a finite factor per row (a loss scaled further: one
-    pass over the gradient; float32 / float64 only), and otherwise (a bfloat16 / float16 gradient
-    scaled, a row that expected 0 receives a gradient, a second backward through the graph)
-    recomputes it with ``divergence_bwd``. The cost: the gradient's
+    pass over the gradient; in bfloat16 / float16 only by one factor for all rows), and otherwise
+    (a row that expected 0 receives a gradient, a second backward through the graph) recomputes it
+    with ``divergence_bwd``. The cost: the gradient's
     memory is held from the forward on, and a forward that is never differentiated did its work.
     """
 
@@ -268,9 +268,11 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
             ratio = torch.where(row_mask, grad_loss, one) / torch.where(row_mask, expected, one)
             if bool((ratio == 1).all()):
                 return (grad,) + nones
-            # NB: not in bfloat16 / float16: a second rounding of each entry would cost up to an
-            # ulp of the gradient's precision (the divergence_bwd result is rounded once)
-            if grad.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(ratio).all()):
+            # NB: in bfloat16 / float16 only a factor common to all rows (a loss scaled by a
+            # constant, as autograd scales any gradient): the second rounding costs up to an ulp
+            # of the gradient's precision, where divergence_bwd rounds once
+            if bool(torch.isfinite(ratio).all()) and (grad.dtype in (torch.float32, torch.float64)
+                                                      or bool((ratio == ratio[0]).all())):
                 return (grad.mul_(ratio[:, None]),) + nones
         return (student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights,
                              row_mask, row_stats, ctx.structure, ctx.consts),) + nones

@@ -624,3 +624,18 @@ def test_no_gradient_in_the_forward_when_not_training():
         assert loss_fn(s.clone().requires_grad_(), t).grad_fn is None
     out = kdplug.get("fkl", backend="compiled", inplace_backward=True)(s.clone().requires_grad_(), t)
     assert "ForwardGrad" not in type(out.grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("name", ["fkl", "amid", "abkd"])
+def test_gradient_in_the_forward_bf16_scaled_loss(name):
+    """bf16: a loss scaled by a constant (kd_ratio * kd + ...) rescales the kept gradient; per-row
+    weights recompute it (one rounding, as divergence_bwd)."""
+    s, t = make_logits((2, 3, 41), torch.bfloat16, seed=12)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    weights = torch.tensor([[1.0, 2.0, -1.0], [0.5, 3.0, 1.5]])
+    for outer, reduction in [(lambda loss: 0.3 * loss, "mean"), (lambda loss: (loss * weights).sum(), "none")]:
+        loss_c, grad_c, _ = _train_grad(name, "compiled", s, t, mask, reduction=reduction, outer=outer)
+        loss_t, grad_t, _ = _train_grad(name, "torch", s, t, mask, reduction=reduction, outer=outer)
+        _, _, rtol, atol = TOL[torch.bfloat16]
+        torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=rtol,
+                                   atol=atol * grad_t.double().abs().max().item())
