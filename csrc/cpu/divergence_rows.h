@@ -731,6 +731,24 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
           done = true;
         }
       }
+      if constexpr (SIG == SIG_SYM) {
+        // KL(p||q) and KL(q||p): terms_at + grad_at written out with P and Q computed once (the
+        // generic instance computed exp(lq) twice), the same operations in the same order
+        using O = Ops<Vec>;
+        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+        const Vec P = O::exp(lp), Q = O::exp(lq), zero(F(0));
+        const auto keep = keep_at(c, xs, xt);
+        Vec d0 = O::neg(P), d1 = mul0(Q, (lq - lp) + Vec(F(1)));
+        if (c.exclude) {
+          d0 = O::select(keep, d0, zero);
+          d1 = O::select(keep, d1, zero);
+        }
+        Vec u = zero;
+        if (c.coef[0] != F(0)) u = u + Vec(c.coef[0]) * finite_or_0(d0);
+        if (c.coef[1] != F(0)) u = u + Vec(c.coef[1]) * finite_or_0(d1);
+        gk = O::select(O::eq(lq, Vec(neg_inf<F>())), zero, (u - Q * Vec(U)) * Vec(scale));
+        done = true;
+      }
       if (!done) {
         const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
         const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
