@@ -2,7 +2,9 @@
 
 Every case runs in a fresh subprocess so that its peak memory is its own: the resident high-water
 mark (VmHWM, reset through /proc/self/clear_refs after the warm-up) minus the resident size once
-the inputs exist, in units of one N x V tensor of the input dtype. Time is the median of
+the inputs exist (``mem``: it includes what the warm-up left resident, library code pages and
+allocator caches among it), and minus the resident size after the warm-up (``steady``: what a call
+adds on top: its temporaries), in units of one N x V tensor of the input dtype. Time is the median of
 ``--repeats`` runs after one warm-up. Effective GB/s counts the physical minimum for loss+grad,
 reading both logits once and writing the gradient once (3·N·V·bytes; 2·N·V·bytes forward-only).
 """
@@ -135,6 +137,7 @@ def run_case(method: str, impl: str, n: int, v: int, dtype: str, backward: bool,
 
     try:
         value = once()  # warm-up (and compilation)
+        warm = _rss_kib("VmRSS")
         have_peak = _reset_peak()
         times = []
         for _ in range(repeats):
@@ -143,8 +146,11 @@ def run_case(method: str, impl: str, n: int, v: int, dtype: str, backward: bool,
             times.append(time.perf_counter() - start)
     except (RuntimeError, MemoryError) as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    peak = (_rss_kib("VmHWM") - base) * 1024 if have_peak else None
-    return {"median_s": statistics.median(times), "times_s": times, "loss": value, "peak_bytes": peak}
+    high = _rss_kib("VmHWM")
+    peak = (high - base) * 1024 if have_peak else None
+    steady = (high - warm) * 1024 if have_peak else None
+    return {"median_s": statistics.median(times), "times_s": times, "loss": value, "peak_bytes": peak,
+            "steady_peak_bytes": steady}
 
 
 def in_fresh_process(call: str, timeout: float, setup: str = "") -> dict:
@@ -253,12 +259,14 @@ def markdown(result) -> str:
              f"{bw[0]:.1f} GB/s before, {bw[1]:.1f} GB/s after. Median of repeated runs after a warm-up; "
              "each case in a fresh process. `GB/s` is the effective bandwidth against the physical minimum "
              "(3·N·V·bytes for fwd+bwd, 2·N·V·bytes for fwd); `% floor` divides it by the probe; `mem` is "
-             "the peak resident memory above the inputs in N×V tensors of the input dtype. The last columns "
+             "the peak resident memory above the inputs in N×V tensors of the input dtype (including what "
+             "the warm-up call left resident: code pages, allocator caches), `steady` the peak above the "
+             "resident size after the warm-up (a call's own temporaries). The last columns "
              "are the speedups of kdplug's compiled core over the others in the same run.",
              ""]
     head = ["method", "dtype", "N", "V", "mode"]
     for impl in impls:
-        head += [f"{IMPL_TITLES[impl]} ms", "GB/s", "mem"]
+        head += [f"{IMPL_TITLES[impl]} ms", "GB/s", "mem", "steady"]
     if "compiled" in impls:
         head += [f"{IMPL_TITLES['compiled']} % floor"] + [f"vs {IMPL_TITLES[i]}" for i in impls if i != "compiled"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -269,10 +277,11 @@ def markdown(result) -> str:
         for impl in impls:
             r = row[impl]
             if "error" in r:
-                cells += [r["error"].split(":")[0], "", ""]
+                cells += [r["error"].split(":")[0], "", "", ""]
                 continue
-            mem = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / unit:.2f}"
-            cells += [f"{r['median_s'] * 1e3:.0f}", f"{floor / r['median_s'] / 1e9:.1f}", mem]
+            mem, steady = ("" if r.get(key) is None else f"{r[key] / unit:.2f}"
+                           for key in ("peak_bytes", "steady_peak_bytes"))
+            cells += [f"{r['median_s'] * 1e3:.0f}", f"{floor / r['median_s'] / 1e9:.1f}", mem, steady]
         if "compiled" in impls:
             c = row["compiled"]
             ok = "error" not in c
