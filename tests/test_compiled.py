@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kdplug
-from _common import CASE_IDS, CASES, VARIANTS  # noqa: F401
+from _common import CASE_IDS, CASES, TOL, VARIANTS, make_logits  # noqa: F401
 METHODS = sorted(m.name for m in kdplug.list_methods())
 from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
 from kdplug._pack import params_tensor, structure_and_consts
@@ -27,25 +27,6 @@ NINF = float("-inf")
 
 # A few settings per method: limits, alternative forms, each mixture kind. A built-in method
 # missing here is still tested with its defaults.
-
-# dtype -> (loss rtol, loss atol, grad rtol, grad atol relative to the largest gradient entry).
-# float32 gradients: gjsd(beta=0.1, normalized=True) cancels (u - q U with terms ~11x the result)
-# to ~5e-6 of the largest entry on both paths, each against the float64 truth.
-TOL = {
-    torch.float64: (1e-9, 1e-11, 1e-8, 1e-11),
-    torch.float32: (3e-5, 3e-6, 1e-4, 1e-5),
-    torch.bfloat16: (3e-5, 3e-6, 1.6e-2, 1e-2),
-    torch.float16: (3e-5, 3e-6, 2e-3, 2e-3),
-}
-
-
-def make_logits(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3
-    t[..., : min(3, shape[-1])] += 8  # a few confident entries
-    s = 0.7 * t + torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
-    return s.to(dtype), t.to(dtype)
-
 
 def evaluate(name, params, s, t, backend, *, mask=None, inf_policy="exact", temperature=1.7, grad_out=None):
     """Per-token loss (reduction "none") and the gradient of sum(grad_out * loss) w.r.t. s."""

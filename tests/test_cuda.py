@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kdplug
-from _common import CASE_IDS, CASES, VARIANTS  # noqa: F401
+from _common import CASE_IDS, CASES, TOL, VARIANTS, make_logits  # noqa: F401
 from kdplug import _extension, _ops
 from kdplug._pack import params_tensor, structure_and_consts
 
@@ -41,22 +41,8 @@ DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = [str(d).split(".")[-1] for d in DTYPES]
 
-# dtype -> (loss rtol, loss atol, grad rtol, grad atol relative to the largest gradient entry), as
-# tests/test_compiled.py (bf16 / fp16 gradients: one rounding of the gradient's dtype apart)
-TOL = {
-    torch.float64: (1e-9, 1e-11, 1e-8, 1e-11),
-    torch.float32: (3e-5, 3e-6, 1e-4, 3e-6),
-    torch.bfloat16: (3e-5, 3e-6, 1.6e-2, 1e-2),
-    torch.float16: (3e-5, 3e-6, 2e-3, 2e-3),
-}
-
-
-def make_logits(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3
-    t[..., : min(3, shape[-1])] += 8  # a few confident entries
-    s = 0.7 * t + torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
-    return s.to(dtype), t.to(dtype)
+# (TOL, from tests/_common.py, as tests/test_compiled.py: bf16 / fp16 gradients one rounding of the
+# gradient's dtype apart)
 
 
 def evaluate(name, params, s, t, backend, *, device, mask=None, inf_policy="exact", temperature=1.7,
