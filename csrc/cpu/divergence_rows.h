@@ -780,6 +780,8 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
   using O = Ops<Vec>;
   constexpr int W = Vec::size();
   const int64_t Vp = a.V + W - 1 - (a.V + W - 1) % W;
+  // (fused_eligible recipes have no mixture or a geometric one)
+  const bool one_pass = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) && fused;
   std::vector<F> kept;
   for (int64_t n = begin; n < end; ++n) {
     F* st = stats + n * kStats;
@@ -787,7 +789,7 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
     st[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();  // stays NaN if the row is rejected
     bool keep = false;
     if constexpr (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) {
-      if (fused) {
+      if (one_pass) {
         if (a.desc.n_terms == 1) {
           forward_rows_fused<scalar_t, MIX == MIX_GEOMETRIC, 1>(a, loss, stats, n, n + 1, bad_row, redo);
         } else {
@@ -795,8 +797,8 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         }
       }
     }
-    if (fused && redo[n]) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
-    if (!fused) {
+    if (one_pass && redo[n]) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
+    if (!one_pass) {
       if (kept.empty()) kept.resize(static_cast<size_t>(2 * Vp));
       forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data());
       keep = true;
