@@ -114,6 +114,12 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+// A per-row factor of the gradient (grad_loss, grad_scale): a compute-dtype CPU vector [N].
+void check_per_row(const at::Tensor& x, const char* name, int64_t N, at::ScalarType cdt) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == N && x.scalar_type() == cdt && x.device().is_cpu(), "kdplug: ", name,
+              " must be a ", cdt, " CPU vector [N] = [", N, "], got ", x.scalar_type(), " ", x.sizes());
+}
+
 // The forward's verdict on the rows: bad = min(2 n + side) over rejected rows (see forward_cpu).
 void check_rows(int64_t bad) {
   TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(), "kdplug: ",
@@ -151,10 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
   const RecipeDesc d = decode(structure, consts);
   const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
   const auto cdt = compute_dtype(student_logits.scalar_type());
-  TORCH_CHECK(grad_scale.dim() == 1 && grad_scale.size(0) == N && grad_scale.scalar_type() == cdt &&
-                  grad_scale.device().is_cpu(),
-              "kdplug: grad_scale must be a ", cdt, " CPU vector [N] = [", N, "], got ", grad_scale.scalar_type(),
-              " ", grad_scale.sizes());
+  check_per_row(grad_scale, "grad_scale", N, cdt);
   const auto opts = student_logits.options().dtype(cdt);
   at::Tensor loss = at::empty({N}, opts);
   at::Tensor row_stats = at::empty({N, kStats}, opts);
@@ -179,12 +182,9 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& student_logits
                    const at::Tensor& row_mask, const at::Tensor& row_stats, const RecipeDesc& d, int64_t N,
                    void* grad, int64_t grad_stride, bool skip_masked = false) {
   const auto cdt = compute_dtype(student_logits.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N && grad_loss.scalar_type() == cdt &&
-                  grad_loss.device().is_cpu() && row_stats.device().is_cpu(),
-              "kdplug: grad_loss must be a ", cdt, " vector [N] = [", N, "], got ", grad_loss.scalar_type(), " ",
-              grad_loss.sizes());
+  check_per_row(grad_loss, "grad_loss", N, cdt);
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == N && row_stats.size(1) == kStats &&
-                  row_stats.scalar_type() == cdt && row_stats.is_contiguous(),
+                  row_stats.scalar_type() == cdt && row_stats.is_contiguous() && row_stats.device().is_cpu(),
               "kdplug: row_stats must be the contiguous ", cdt, " [N, ", kStats,
               "] tensor that divergence_fwd returned, got ", row_stats.scalar_type(), " ", row_stats.sizes());
   if (N == 0 || student_logits.size(1) == 0) return;

@@ -48,6 +48,12 @@ namespace detail {
 
 using namespace kdplug::math;
 
+// V rounded up to a whole number of packs of W entries (a row's per-entry scratch length).
+template <int W>
+constexpr int64_t padded(int64_t V) {
+  return (V + W - 1) / W * W;
+}
+
 // ---- loading and storing one SIMD pack of logits in the compute type ---------------------------
 template <class scalar_t>
 struct PackIO {  // float, double
@@ -385,7 +391,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
 
     // pass 2: the alpha-mixture's normalizer; log r~ (2-4 transcendentals an entry) is kept in a
     // per-thread row for pass 3
-    const int64_t Vp = a.V + Vec::size() - 1 - (a.V + Vec::size() - 1) % Vec::size();
+    const int64_t Vp = padded<Vec::size()>(a.V);
     F* lr_tilde = nullptr;
     if constexpr (MIX == MIX_ALPHA) {
       thread_local std::vector<F> lr_tilde_row;
@@ -487,12 +493,13 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
 //   lhs = q (KL):  sum of the finite dP = Q (lq - lB + 1):   the finite loss + sum_ok Q
 //   rhs = q:       sum of dQ = -P_A over kept entries (mismatches included: dQ is finite there)
 // Same values as the 2-pass path up to rounding (tests compare both to the PyTorch path).
+// KDPLUG_NO_FUSED=1 sends every recipe through the 2-pass forward (the tests compare the two).
 inline bool fused_eligible(const RecipeDesc& d) {
   if (!(d.mix == MIX_NONE || (d.mix == MIX_GEOMETRIC && d.detach))) return false;
   if (d.n_terms > 2) return false;
   for (int i = 0; i < d.n_terms; ++i)
     if (d.div[i] != KL && d.div[i] != CE) return false;
-  return true;
+  return !std::getenv("KDPLUG_NO_FUSED");
 }
 
 template <class F>
@@ -779,7 +786,7 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
   constexpr int W = Vec::size();
-  const int64_t Vp = a.V + W - 1 - (a.V + W - 1) % W;
+  const int64_t Vp = padded<W>(a.V);
   // (fused_eligible recipes have no mixture or a geometric one)
   const bool one_pass = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) && fused;
   std::vector<F> kept;
@@ -920,7 +927,7 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
   using namespace detail;
   const RecipeDesc& d = a.desc;
   const int64_t N = a.N, V = a.V;
-  if (fused_eligible(d) && !std::getenv("KDPLUG_NO_FUSED")) {
+  if (fused_eligible(d)) {
     std::vector<uint8_t> redo(static_cast<size_t>(N), 0);
     auto run = [&](auto geo, auto nt) {
       at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
@@ -966,7 +973,7 @@ template <class scalar_t>
 void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_scale, compute_t<scalar_t>* loss,
                           compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row) {
   using namespace detail;
-  const bool fused = fused_eligible(a.desc) && !std::getenv("KDPLUG_NO_FUSED");
+  const bool fused = fused_eligible(a.desc);
   std::vector<uint8_t> redo(static_cast<size_t>(a.N), 0);
   dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
