@@ -242,8 +242,8 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
     loss), scales its rows when they differ by a finite factor per row (a loss scaled further: one
     pass over the gradient; in bfloat16 / float16 only by one factor for all rows), and otherwise
     (a row that expected 0 receives a gradient, a second backward through the graph) recomputes it
-    with ``divergence_bwd``. The cost: the gradient's
-    memory is held from the forward on, and a forward that is never differentiated did its work.
+    with ``divergence_fwd_grad`` for the incoming gradient. The cost: the gradient's memory is held
+    from the forward on, and a forward that is never differentiated did its work.
     """
 
     @staticmethod
@@ -274,8 +274,16 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
             if bool(torch.isfinite(ratio).all()) and (grad.dtype in (torch.float32, torch.float64)
                                                       or bool((ratio == ratio[0]).all())):
                 return (grad.mul_(ratio[:, None]),) + nones
-        return (student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights,
-                             row_mask, row_stats, ctx.structure, ctx.consts),) + nones
+        if ctx.needs_input_grad[1] or not ctx.needs_input_grad[0]:
+            return (student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights,
+                                 row_mask, row_stats, ctx.structure, ctx.consts),) + nones
+        # NB: recomputed by the forward's own op, not divergence_bwd: for the logit-space recipes
+        # the two round differently (see forward_grad_row_logit), and a second backward with the
+        # same incoming gradient must give the first one's bits (gradcheck checks reentrancy)
+        _, _, grad = torch.ops.kdplug.divergence_fwd_grad(student_rows, teacher_rows, params, token_weights,
+                                                          row_mask, grad_loss.to(expected.dtype).contiguous(),
+                                                          ctx.structure, ctx.consts)
+        return (grad,) + nones
 
 
 def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,9 @@
 //            3. the elements: per-term loss sums and the sums behind U and H^r (row_stats)
 //   backward ONE pass: grad = scale (u - q U) / T, written once with non-temporal stores; rows
 //            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
+//   forward + gradient (divergence_fwd_grad, eager training): per row, the forward's passes then
+//            the gradient pass while the row is in cache (forward_backward_rows); the logit-space
+//            recipes find the maxima first and keep their exps (forward_grad_row_logit).
 // The single-term recipes of the built-in methods also get instances with the term fixed at
 // compile time (dispatch_recipe); every other recipe runs the same loops with its terms read at
 // run time.
@@ -69,6 +72,12 @@ struct PackIO {  // float, double
       _mm512_stream_ps(p, v);
     } else {
       _mm512_stream_pd(p, v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, v);
+    } else {
+      _mm256_stream_pd(p, v);
     }
 #else
     v.store(p);
@@ -153,6 +162,32 @@ struct RowView {
     const Vec it(inv_T);
     for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it);
     if (main_end < V) fn(main_end, IO::load(s_tail) * it);
+  }
+};
+
+// The row after row n, asked for (software prefetch) while row n's compute-bound pass reads cache:
+// fetch(k) at every pack requests the cache lines of both sides holding entries [k, k + W), once
+// per line, so that the next row's first pass finds them in cache instead of waiting for memory.
+template <class scalar_t>
+struct NextRow {
+  static constexpr int64_t kLine = 64 / sizeof(scalar_t);  // entries per cache line
+  const scalar_t* s = nullptr;
+  const scalar_t* t = nullptr;
+
+  NextRow(const Args<scalar_t>& a, int64_t n, bool enabled) {
+    if (enabled) {
+      s = a.s + (n + 1) * a.s_stride;
+      t = a.t + (n + 1) * a.t_stride;
+    }
+  }
+
+  KDPLUG_INLINE void fetch(int64_t k) const {
+#if defined(__GNUC__) || defined(__clang__)
+    if (s != nullptr && k % kLine == 0) {
+      __builtin_prefetch(s + k, 0, 1);
+      __builtin_prefetch(t + k, 0, 1);
+    }
+#endif
   }
 };
 
@@ -354,7 +389,8 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
 // gradient pass needs neither the elements nor the mixture again (see forward_backward_rows).
 template <class scalar_t, int MIX, int SIG, bool KEEP = false>
 void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, int64_t begin,
-                  int64_t end, std::atomic<int64_t>* bad_row, compute_t<scalar_t>* kept = nullptr) {
+                  int64_t end, std::atomic<int64_t>* bad_row, compute_t<scalar_t>* kept = nullptr,
+                  int64_t prefetch_end = 0) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   for (int64_t n = begin; n < end; ++n) {
@@ -425,7 +461,10 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
       packs = 0;
     };
+    // (the elements' pass is compute-bound: it asks for the next row of the chunk meanwhile)
+    const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end));
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      next.fetch(k);
       if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
         const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
         if (C10_LIKELY(arith_in_range(lp, lq))) {
@@ -506,6 +545,36 @@ template <class F>
 struct LaneSums {  // one term's per-lane sums, relative to the running max of its lhs
   Vectorized<F> f, s, tq;
 };
+
+// A term's sums over the row, relative to its lhs's maximum: f = sum w (a - b) (KL) or sum w b
+// (CE) over the live entries, s = sum w over the live entries, tq = sum w over the kept entries
+// (read where rhs = q); mismatch: some entry has a > -inf = b.
+struct LogitTermSums {
+  double f, s, tq;
+  bool mismatch;
+};
+
+// The row's loss and U from its terms' sums, the operands' normalizers Z (relative to the same
+// maxima as the sums) and log-sum-exps (the formulas above).
+template <int NT, class F>
+KDPLUG_INLINE void logit_row_loss(const RowConsts<F>& c, const int* lhs, const int* rhs, const bool* kl,
+                                  const LogitTermSums* sums, const double* Z, const F* lse, double* total,
+                                  double* U) {
+  *total = *U = 0;
+  for (int i = 0; i < NT; ++i) {
+    const int A = lhs[i];
+    const double coef = c.coef[i];
+    if (Z[A] == 0.0 || coef == 0.0) continue;  // an operand that is 0 everywhere: e = 0
+    const double Fi = sums[i].f / Z[A], Si = sums[i].s / Z[A], Ti = sums[i].tq / Z[A];
+    const double lse_b = lse[rhs[i]];
+    // (Si == 0: no entry where both sides are positive; then Fi == 0 too and lse_b may be -inf)
+    const double finite_sum =
+        Si == 0.0 ? 0.0 : kl[i] ? Fi - (static_cast<double>(lse[A]) - lse_b) * Si : -Fi + lse_b * Si;
+    *total += coef * (sums[i].mismatch ? std::numeric_limits<double>::infinity() : finite_sum);
+    if (A == STUDENT) *U += coef * (finite_sum + Si);
+    if (rhs[i] == STUDENT) *U -= coef * Ti;
+  }
+}
 
 // NB: the one-pass loss subtracts log-sum-exps (lse_A - lse_B) from a weighted mean of logit
 // differences: fine while |lse| is moderate, but at |x / T| ~ 1e5 (T = 0.05, logits of 1e4) the
@@ -633,32 +702,22 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
         continue;
       }
     }
-    double total = 0, U = 0;
+    LogitTermSums sums[NT];
     for (int i = 0; i < NT; ++i) {
       const int A = lhs[i];
       alignas(64) F fs[W], ss[W], ts[W];
       (tot[i].f + cur[i].f).store(fs);
       (tot[i].s + cur[i].s).store(ss);
       (tot[i].tq + cur[i].tq).store(ts);
-      double Fi = 0, Si = 0, Ti = 0;
+      sums[i] = LogitTermSums{0, 0, 0, mismatch[i]};
       for (int l = 0; l < W; ++l) {
-        Fi += fs[l] * scale[A][l];
-        Si += ss[l] * scale[A][l];
-        Ti += ts[l] * scale[A][l];
+        sums[i].f += fs[l] * scale[A][l];
+        sums[i].s += ss[l] * scale[A][l];
+        sums[i].tq += ts[l] * scale[A][l];
       }
-      const double coef = c.coef[i];
-      if (Z[A] == 0.0 || coef == 0.0) continue;  // an operand that is 0 everywhere: e = 0
-      Fi /= Z[A];
-      Si /= Z[A];
-      Ti /= Z[A];
-      const double lse_b = lse[rhs[i]];
-      // (Si == 0: no entry where both sides are positive; then Fi == 0 too and lse_b may be -inf)
-      const double finite_sum =
-          Si == 0.0 ? 0.0 : kl[i] ? Fi - (static_cast<double>(lse[A]) - lse_b) * Si : -Fi + lse_b * Si;
-      total += coef * (mismatch[i] ? std::numeric_limits<double>::infinity() : finite_sum);
-      if (A == STUDENT) U += coef * (finite_sum + Si);
-      if (rhs[i] == STUDENT) U -= coef * Ti;
     }
+    double total, U;
+    logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
     loss[n] = static_cast<F>(total);
     st_out[STAT_LSE_S] = c.lse_s;
     st_out[STAT_LSE_T] = c.lse_t;
@@ -668,7 +727,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
   }
 }
 
-// ---- backward ----------------------------------------------------------------------------------
+// ---- storing the gradient ----------------------------------------------------------------------
 // Entries [k, k + W) of a gradient row g of length V (aligned: g sits on a pack boundary), with
 // non-temporal stores where possible; store_fence() once the rows are written.
 template <class scalar_t>
@@ -695,6 +754,225 @@ inline void store_fence() {
 #endif
 }
 
+// ---- forward and gradient of a logit-space row: each exp once -----------------------------------
+// divergence_fwd_grad for the recipes of forward_rows_fused. Their gradient needs the operands'
+// probabilities, and the forward computes the same exps, only relative to a running maximum that
+// may still grow. With the row's maxima found first, every exp is final and is kept:
+//   pass A  M_X = max_k x_X,k for each operand X (t/T, s/T, and g for TAID): no transcendental,
+//           the pass that reads the rows from memory
+//   pass B  w_X,k = exp(x_X,k - M_X), Z_X = sum_k w_X,k, lse_X = M_X + log Z_X, and the terms'
+//           sums of forward_rows_fused (all lanes relative to the same M: no rescaling); w of q,
+//           and of the lhs A of every term whose rhs is q, kept in a per-thread scratch row
+//   pass C  q = w_q / Z_q, P_A = w_A / Z_A and
+//             u = sum_{rhs = q} coef (-P_A)                  (dQ of KL and CE; kept entries)
+//               + sum_{lhs = q} coef Q (lq - lB + 1)         (dP of KL; finite, kept entries)
+//             grad = scale (u - Q U),  0 where s = -inf
+//           (lq - lB from the logits, read again only when some term's lhs is q: rkl, symmetric KL)
+// One exp per operand and entry in all, where the one-pass forward and the backward's pass make
+// two: fkl, rkl, symmetric KL, AKL 4 -> 2 exps per entry, TAID 5 -> 3. P = w / Z rounds
+// differently from the backward's exp(x - lse): the gradient agrees with divergence_bwd's to a
+// few ulp, not bit for bit (a second backward recomputes with this op, see kdplug/_ops.py).
+// Returns false, having written nothing, for a row whose |lse| exceeds kFusedLseLimit (the
+// caller recomputes it with the 2-pass forward and divergence_bwd's pass).
+template <class scalar_t, bool GEO, int NT>
+bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
+                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
+                            std::atomic<int64_t>* bad_row, std::vector<compute_t<scalar_t>>& kept,
+                            bool prefetch_next) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  constexpr int NX = GEO ? 3 : 2;  // operand slots: TEACHER (t), STUDENT (s), ASSISTANT (g)
+  const Vec zero(F(0)), ninf(neg_inf<F>());
+  F* st_out = stats + n * kStats;
+  scalar_t* g_row = grad + n * a.V;
+  const bool live_row = a.row_mask[n * a.mask_stride];
+  RowConsts<F> c;
+  init_row(a.desc, a.params, a.token_weights, n, &c);
+  const F scale = live_row ? grad_scale[n] / c.T : F(0);
+  if (!live_row) {  // never read
+    loss[n] = F(0);
+    for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return true;
+  }
+  const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+  int lhs[NT], rhs[NT];
+  bool kl[NT];
+  for (int i = 0; i < NT; ++i) {
+    lhs[i] = c.lhs[i];
+    rhs[i] = c.rhs[i];
+    kl[i] = c.div[i] == KL;
+  }
+  // kept rows: slot 0 holds w_q; slot j > 0 the w of operand kept_of[j] (an lhs of a term on q)
+  int slot_of[NX] = {};  // operand -> its slot (0: not kept unless it is q)
+  int kept_of[NX] = {STUDENT};
+  int n_kept = 1;
+  bool q_lhs = false;  // some term has q on its left: pass C reads the logits
+  for (int i = 0; i < NT; ++i) {
+    if (c.coef[i] == F(0)) continue;
+    if (lhs[i] == STUDENT) q_lhs = true;
+    if (rhs[i] == STUDENT && lhs[i] != STUDENT && slot_of[lhs[i]] == 0) {
+      slot_of[lhs[i]] = n_kept;
+      kept_of[n_kept++] = lhs[i];
+    }
+  }
+  const int64_t Vp = padded<W>(a.V);
+  if (static_cast<int64_t>(kept.size()) < n_kept * Vp) kept.resize(static_cast<size_t>(n_kept * Vp));
+  F* kept_w = kept.data();
+
+  // pass A: the maxima
+  Vec mv[NX];
+  for (int x = 0; x < NX; ++x) mv[x] = ninf;
+  row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    mv[TEACHER] = O::max(mv[TEACHER], xt);
+    mv[STUDENT] = O::max(mv[STUDENT], xs);
+    if constexpr (GEO) mv[ASSISTANT] = O::max(mv[ASSISTANT], geometric_mix(xt, xs, c.lam));
+  });
+  // An operand that is -inf everywhere gets M = 0: its w are 0 and Z = 0 (log-sum-exp -inf). NaN
+  // or +inf entries (a max may drop a NaN) make a w and so Z NaN: the row is rejected below.
+  F M[NX];
+  Vec Mv[NX];
+  for (int x = 0; x < NX; ++x) {
+    alignas(64) F ms[W];
+    mv[x].store(ms);
+    M[x] = ms[0];
+    for (int l = 1; l < W; ++l) M[x] = std::max(M[x], ms[l]);
+    if (M[x] == neg_inf<F>()) M[x] = F(0);
+    Mv[x] = Vec(M[x]);
+  }
+
+  // pass B: the exps, the normalizers and the terms' sums
+  Vec z[NX], zt[NX];
+  LaneSums<F> cur[NT], tot[NT];
+  for (int x = 0; x < NX; ++x) z[x] = zt[x] = zero;
+  for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
+  bool mismatch[NT] = {};
+  int packs = 0;
+  const NextRow<scalar_t> next(a, n, prefetch_next);
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    next.fetch(k);
+    Vec x[NX], w[NX];
+    x[TEACHER] = xt;
+    x[STUDENT] = xs;
+    if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
+    for (int j = 0; j < NX; ++j) {
+      w[j] = O::exp(x[j] - Mv[j]);
+      z[j] = z[j] + w[j];
+    }
+    const auto keep = keep_at(c, xs, xt);
+    for (int i = 0; i < NT; ++i) {
+      const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
+      const auto b_zero = O::eq(xb, ninf);
+      const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
+      const auto live = O::land(keep, O::lnot(b_zero));
+      if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
+      cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
+      cur[i].s = cur[i].s + O::select(live, wa, zero);
+      if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
+    }
+    w[STUDENT].store(kept_w + k);
+    // the lhs of a term on q enters u as dQ = -P_A: 0 where not kept or where s = -inf
+    const auto on_q = O::land(keep, O::ne(xs, ninf));
+    for (int j = 1; j < n_kept; ++j) O::select(on_q, w[kept_of[j]], zero).store(kept_w + j * Vp + k);
+    if (++packs == 64) {
+      for (int j = 0; j < NX; ++j) {
+        zt[j] = zt[j] + z[j];
+        z[j] = zero;
+      }
+      for (int i = 0; i < NT; ++i) {
+        tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
+        cur[i] = LaneSums<F>{zero, zero, zero};
+      }
+      packs = 0;
+    }
+  });
+  double Z[NX];
+  F lse[NX];
+  for (int x = 0; x < NX; ++x) {
+    Z[x] = hsum(zt[x] + z[x]);
+    lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
+  }
+  c.lse_t = lse[TEACHER];
+  c.lse_s = lse[STUDENT];
+  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+    int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
+    int64_t prev = bad_row->load();
+    while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
+    }
+    loss[n] = F(0);
+    st_out[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return true;
+  }
+  if constexpr (GEO) c.log_z = lse[ASSISTANT];
+  {
+    bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
+    if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
+    if (large) return false;
+  }
+  LogitTermSums sums[NT];
+  for (int i = 0; i < NT; ++i)
+    sums[i] = LogitTermSums{hsum(tot[i].f + cur[i].f), hsum(tot[i].s + cur[i].s), hsum(tot[i].tq + cur[i].tq),
+                            mismatch[i]};
+  double total, U;
+  logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
+  loss[n] = static_cast<F>(total);
+  st_out[STAT_LSE_S] = c.lse_s;
+  st_out[STAT_LSE_T] = c.lse_t;
+  st_out[STAT_LOG_Z] = c.log_z;
+  st_out[STAT_H_R] = F(0);
+  st_out[STAT_U] = static_cast<F>(U);
+  if (scale == F(0)) {  // no incoming gradient: exactly 0
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return true;
+  }
+
+  // pass C: the gradient. coef_P[j]: -sum of coef / Z_A over the terms on q with lhs kept_of[j]
+  F coef_P[NX] = {};
+  for (int i = 0; i < NT; ++i)
+    if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT && Z[lhs[i]] != 0.0)
+      coef_P[slot_of[lhs[i]]] -= static_cast<F>(c.coef[i] / Z[lhs[i]]);
+  const Vec inv_Zq(static_cast<F>(1.0 / Z[STUDENT])), Uv(static_cast<F>(U)), sc(scale);
+  const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+  auto u_kept = [&](int64_t k) KDPLUG_LAMBDA_INLINE {
+    Vec u = zero;
+    for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * Vec::loadu(kept_w + j * Vp + k);
+    return u;
+  };
+  if (!q_lhs) {
+    // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
+    for (int64_t k = 0; k < a.V; k += W) {
+      const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+      store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
+    }
+    return true;
+  }
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+    const Vec lq = xs - Vec(c.lse_s);
+    const auto keep = keep_at(c, xs, xt);
+    Vec u = u_kept(k);
+    for (int i = 0; i < NT; ++i) {
+      if (lhs[i] != STUDENT || c.coef[i] == F(0)) continue;
+      Vec lb;
+      if (rhs[i] == TEACHER) {
+        lb = xt - Vec(c.lse_t);
+      } else {  // the geometric mixture (0 everywhere when log Z = -inf)
+        lb = c.log_z == neg_inf<F>() ? ninf : geometric_mix(xt, xs, c.lam) - Vec(c.log_z);
+      }
+      // kl_element's / ce_element's dP with P = q
+      Vec d = kl[i] ? mul0(Q, (lq - lb) + Vec(F(1))) : mul0(Q, O::neg(lb));
+      if (c.exclude) d = O::select(keep, d, zero);
+      u = u + Vec(c.coef[i]) * finite_or_0(d);
+    }
+    store_grad_pack<scalar_t>(g_row, k, a.V, aligned, O::select(O::eq(xs, ninf), zero, (u - Q * Uv) * sc));
+  });
+  return true;
+}
+
+// ---- backward ----------------------------------------------------------------------------------
 // In place (grad == a.s): a pack is loaded (RowView::each) before its gradient is stored, and the
 // row's partial last pack was copied when the RowView was made, so every entry is read first.
 template <class scalar_t, int MIX, int SIG>
@@ -770,18 +1048,20 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 // ---- forward and gradient of a row, back to back ------------------------------------------------
 // divergence_fwd_grad: each row's forward passes, then its gradient pass while the row is still in
 // cache (a row pair at V = 128k fp32 is 1 MB), with grad_scale as the incoming per-token gradient.
-//   * recipes with the one-pass forward (logit-space: fkl, rkl, symmetric_kl, akl, taid): that
-//     pass, then backward_rows' pass;
+//   * recipes with the one-pass forward (logit-space: fkl, rkl, symmetric_kl, akl, taid):
+//     forward_grad_row_logit (maxima, exps kept, gradient from the kept exps); the same values as
+//     divergence_fwd + divergence_bwd to a few ulp. A row with a large |lse| falls back to the
+//     2-pass forward and backward_rows' pass;
 //   * the others: forward_rows keeps each entry's v = h^q + w h^r and w r (KEEP) in a per-thread
 //     scratch row (2 V floats), and the gradient pass is
 //         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
 //     (grad_at's u, grouped the same way), without the elements, the mixture or its weight again:
-//     the expensive half of the backward's math.
-// The values and the gradient are divergence_fwd's and divergence_bwd's, bit for bit.
+//     the expensive half of the backward's math. These values and gradients are divergence_fwd's
+//     and divergence_bwd's, bit for bit.
 template <class scalar_t, int MIX, int SIG>
 void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<scalar_t>* grad_scale,
                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad, int64_t begin,
-                           int64_t end, std::atomic<int64_t>* bad_row, uint8_t* redo) {
+                           int64_t end, std::atomic<int64_t>* bad_row) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
@@ -797,17 +1077,20 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
     bool keep = false;
     if constexpr (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) {
       if (one_pass) {
-        if (a.desc.n_terms == 1) {
-          forward_rows_fused<scalar_t, MIX == MIX_GEOMETRIC, 1>(a, loss, stats, n, n + 1, bad_row, redo);
-        } else {
-          forward_rows_fused<scalar_t, MIX == MIX_GEOMETRIC, 2>(a, loss, stats, n, n + 1, bad_row, redo);
-        }
+        const bool done =
+            a.desc.n_terms == 1
+                ? forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, 1>(a, n, grad_scale, loss, stats, grad,
+                                                                            bad_row, kept, n + 1 < end)
+                : forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, 2>(a, n, grad_scale, loss, stats, grad,
+                                                                            bad_row, kept, n + 1 < end);
+        if (done) continue;
+        // |lse| too large for the one-pass loss: the 2-pass forward, then divergence_bwd's pass
+        forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
       }
     }
-    if (one_pass && redo[n]) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
     if (!one_pass) {
-      if (kept.empty()) kept.resize(static_cast<size_t>(2 * Vp));
-      forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data());
+      if (kept.size() < static_cast<size_t>(2 * Vp)) kept.resize(static_cast<size_t>(2 * Vp));
+      forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data(), end);
       keep = true;
     }
     const bool live = a.row_mask[n * a.mask_stride];
@@ -974,12 +1257,10 @@ void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* gr
                           compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row) {
   using namespace detail;
   const bool fused = fused_eligible(a.desc);
-  std::vector<uint8_t> redo(static_cast<size_t>(a.N), 0);
   dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
       forward_backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, fused, grad_scale, loss, stats,
-                                                                                 grad, begin, end, bad_row,
-                                                                                 redo.data());
+                                                                                 grad, begin, end, bad_row);
     });
   });
 }
