@@ -87,15 +87,20 @@ CASES = [(name, params) for name in sorted(m.name for m in kdplug.list_methods()
 CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
 
 
-# Whether a method's recipe is logit-space (every operand a softmax of logits, KL / CE terms):
-# divergence_fwd_grad computes their gradient from the forward's own exps, which rounds a few ulp
-# away from divergence_fwd + divergence_bwd (the other recipes agree bit for bit).
-def logit_space(name, params) -> bool:
+# Whether divergence_fwd_grad computes a recipe's gradient from the forward's own exps
+# (csrc/cpu/divergence_rows.h: the logit-space recipes, every operand a softmax of logits and KL /
+# CE terms; in float32 / bfloat16 also TVD(p||q) alone under the "exact" policy). That gradient
+# rounds a few ulp away from divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
+def kept_exps(name, params, dtype) -> bool:
     recipe = kdplug.get(name, **params).recipe
-    recipe = getattr(recipe, "if_false", recipe)  # a Split: its recipes are not logit-space
     assistant = recipe.assistant
+    kinds = [term.divergence.name for term in recipe.terms]
+    if assistant is None and kinds == ["TVD"]:
+        return dtype in (torch.float32, torch.bfloat16)
     return ((assistant is None or (assistant.alpha == 1.0 and assistant.detach))
-            and all(term.divergence.name in ("KL", "CE") for term in recipe.terms))
+            and all(kind in ("KL", "CE") for kind in kinds))
+
+
 # dtype -> the relative tolerance between the two (of the loss, and of the gradient against its
 # largest entry)
 FWD_GRAD_TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kdplug
-from _common import CASE_IDS, CASES, FWD_GRAD_TOL, TOL, VARIANTS, logit_space, make_logits  # noqa: F401
+from _common import CASE_IDS, CASES, FWD_GRAD_TOL, TOL, VARIANTS, kept_exps, make_logits  # noqa: F401
 METHODS = sorted(m.name for m in kdplug.list_methods())
 from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
 from kdplug._pack import params_tensor, structure_and_consts
@@ -267,8 +267,8 @@ def test_inplace_backward(name, params, backend):
         logits = x * 1  # a non-leaf whose storage the backward overwrites
         rows = logits[:, :41]  # strided rows (stride 50)
         kdplug.get(name, backend=backend, inplace_backward=True, **params)(rows, t, mask=mask).backward()
-        # (bit for bit but for the logit-space recipes: see _common.logit_space)
-        tol = FWD_GRAD_TOL[dtype] if backend == "compiled" and logit_space(name, params) else 0
+        # (bit for bit but where the forward keeps its exps: see _common.kept_exps)
+        tol = FWD_GRAD_TOL[dtype] if backend == "compiled" and kept_exps(name, params, dtype) else 0
         torch.testing.assert_close(x.grad[:, :41], leaf.grad, rtol=tol, atol=tol * leaf.grad.abs().max().item())
         torch.testing.assert_close(rows.detach(), x.grad[:, :41], rtol=0, atol=0)  # the logits are now the gradient
         assert bool((logits.detach()[:, 41:] == 7).all())  # columns outside the rows untouched
@@ -520,8 +520,8 @@ def test_torch_compile_training_step(name):
 def test_fwd_grad_op_is_fwd_then_bwd(name, params, dtype):
     """divergence_fwd_grad = divergence_fwd + divergence_bwd(grad_loss=grad_scale) (-inf patterns
     and a masked row included): bit for bit for the recipes whose forward keeps u's parts; to a
-    few ulp for the logit-space ones (fkl, rkl, symmetric_kl, akl, taid), whose gradient comes
-    from the forward's own exps (P = w / Z instead of exp(x - lse))."""
+    few ulp where the gradient comes from the forward's own exps (P = w / Z instead of
+    exp(x - lse): the logit-space recipes, and TVD in float32 / bfloat16)."""
     _, structure, consts, p = packed(name, **params)
     s, t = inf_patterns(dtype)
     mask = torch.tensor([True, True, False, True, True])
@@ -531,7 +531,7 @@ def test_fwd_grad_op_is_fwd_then_bwd(name, params, dtype):
     loss, stats, grad = torch.ops.kdplug.divergence_fwd_grad(s, t, p, tw, mask, scale, structure, consts)
     loss_ref, stats_ref = torch.ops.kdplug.divergence_fwd(s, t, p, tw, mask, structure, consts)
     grad_ref = torch.ops.kdplug.divergence_bwd(scale, s, t, p, tw, mask, stats_ref, structure, consts)
-    if logit_space(name, params):
+    if kept_exps(name, params, dtype):
         tol = FWD_GRAD_TOL[dtype]
         finite = torch.isfinite(loss_ref)
         assert torch.equal(finite, torch.isfinite(loss)) and torch.equal(loss[~finite], loss_ref[~finite])
@@ -576,7 +576,7 @@ def _train_grad(name, backend, s, t, mask, *, reduction="mean", t2_scale=False, 
     ("mean", False, lambda loss: 0.3 * loss), ("none", False, lambda loss: (loss * torch.arange(6.0).reshape(2, 3)).sum()),
     ("none", False, lambda loss: loss.sum()),
 ], ids=["mean", "sum", "batchmean-t2", "sequence", "mean-scaled", "none-weighted", "none-sum"])
-@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "abkd"])
+@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "abkd", "tvd"])
 def test_gradient_computed_in_the_forward(name, reduction, t2_scale, outer):
     """Eager CPU training takes divergence_fwd_grad; whatever the reduction and any later scaling
     of the loss, the gradient is the PyTorch path's."""

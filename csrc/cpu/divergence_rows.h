@@ -247,6 +247,15 @@ KDPLUG_INLINE void init_row(const RecipeDesc& d, const double* params, const dou
   row_consts_init(d, params, token_weights ? token_weights + n * d.n_terms : static_cast<const double*>(nullptr), c);
 }
 
+// A row that is not masked but has an all -inf, +inf or NaN side: keeps the first such row and
+// side (the smallest 2 n + side, deterministic whatever the thread count) for the op to raise on.
+inline void report_bad_row(std::atomic<int64_t>* bad_row, int64_t n, bool student_ok) {
+  const int64_t code = 2 * n + (student_ok ? 1 : 0);
+  int64_t prev = bad_row->load();
+  while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
+  }
+}
+
 // Rows per task: enough entries per task that small rows do not pay one task each.
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -415,11 +424,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     c.lse_s = ls.value();
     c.lse_t = lt.value();
     if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-      // report the first bad row (deterministic whatever the thread count)
-      int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
-      int64_t prev = bad_row->load();
-      while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
-      }
+      report_bad_row(bad_row, n, std::isfinite(c.lse_s));
       loss[n] = F(0);
       continue;
     }
@@ -546,6 +551,43 @@ struct LaneSums {  // one term's per-lane sums, relative to the running max of i
   Vectorized<F> f, s, tq;
 };
 
+// One pack's contribution to each term's lane sums (x, w: each operand's values and weights,
+// w relative to the operand's maximum). The zero rules as masks: entries with a = -inf add nothing
+// (w = 0); an entry with a finite and b = -inf is the support mismatch (the term is +inf; the
+// entry is left out of every sum); "exclude" drops entries where s or t is -inf (keep).
+template <int NT, class F, class Mask>
+KDPLUG_INLINE void add_term_sums(const int* lhs, const int* rhs, const bool* kl, const Vectorized<F>* x,
+                                 const Vectorized<F>* w, Mask keep, LaneSums<F>* cur, bool* mismatch) {
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  const Vec zero(F(0)), ninf(neg_inf<F>());
+  for (int i = 0; i < NT; ++i) {
+    const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
+    const auto b_zero = O::eq(xb, ninf);
+    const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
+    const auto live = O::land(keep, O::lnot(b_zero));  // a = -inf: w = 0 adds nothing
+    if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
+    // select before multiply: a - b or b may be -inf / NaN where w = 0 or b = -inf
+    cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
+    cur[i].s = cur[i].s + O::select(live, wa, zero);
+    if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
+  }
+}
+
+// Every 64 packs: the running sums folded into the totals (cascade summation, as VecLse).
+template <int NT, int NX, class F>
+KDPLUG_INLINE void fold_sums(Vectorized<F>* z, Vectorized<F>* zt, LaneSums<F>* cur, LaneSums<F>* tot) {
+  const Vectorized<F> zero(F(0));
+  for (int j = 0; j < NX; ++j) {
+    zt[j] = zt[j] + z[j];
+    z[j] = zero;
+  }
+  for (int i = 0; i < NT; ++i) {
+    tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
+    cur[i] = LaneSums<F>{zero, zero, zero};
+  }
+}
+
 // A term's sums over the row, relative to its lhs's maximum: f = sum w (a - b) (KL) or sum w b
 // (CE) over the live entries, s = sum w over the live entries, tq = sum w over the kept entries
 // (read where rhs = q); mismatch: some entry has a > -inf = b.
@@ -642,27 +684,9 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
         w[k] = O::exp(x[k] - m[k]);
         z[k] = z[k] + w[k];
       }
-      const auto keep = keep_at(c, xs, xt);
-      for (int i = 0; i < NT; ++i) {
-        const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
-        const auto b_zero = O::eq(xb, ninf);
-        const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
-        const auto live = O::land(keep, O::lnot(b_zero));  // a = -inf: w = 0 adds nothing
-        if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
-        // select before multiply: a - b or b may be -inf / NaN where w = 0 or b = -inf
-        cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
-        cur[i].s = cur[i].s + O::select(live, wa, zero);
-        if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
-      }
+      add_term_sums<NT>(lhs, rhs, kl, x, w, keep_at(c, xs, xt), cur, mismatch);
       if (++packs == 64) {
-        for (int k = 0; k < NX; ++k) {
-          zt[k] = zt[k] + z[k];
-          z[k] = zero;
-        }
-        for (int i = 0; i < NT; ++i) {
-          tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
-          cur[i] = LaneSums<F>{zero, zero, zero};
-        }
+        fold_sums<NT, NX>(z, zt, cur, tot);
         packs = 0;
       }
     });
@@ -686,10 +710,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     c.lse_t = lse[TEACHER];
     c.lse_s = lse[STUDENT];
     if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-      int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
-      int64_t prev = bad_row->load();
-      while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
-      }
+      report_bad_row(bad_row, n, std::isfinite(c.lse_s));
       loss[n] = F(0);
       continue;
     }
@@ -752,6 +773,32 @@ inline void store_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();  // order the non-temporal stores before the results are handed over
 #endif
+}
+
+// Pass A of the rows whose exps are kept: each operand's maximum M over the row (t/T, s/T, and the
+// geometric mixture's g with GEO), no transcendental. An operand that is -inf everywhere gets
+// M = 0: its w = exp(x - M) are 0 and Z = 0 (log-sum-exp -inf). NaN or +inf entries (a max may
+// drop a NaN) make a w and so Z NaN: the caller rejects the row.
+template <bool GEO, class scalar_t, class F>
+KDPLUG_INLINE void row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& c, F* M, Vectorized<F>* Mv) {
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int NX = GEO ? 3 : 2;
+  Vec mv[NX];
+  for (int x = 0; x < NX; ++x) mv[x] = Vec(neg_inf<F>());
+  row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    mv[TEACHER] = O::max(mv[TEACHER], xt);
+    mv[STUDENT] = O::max(mv[STUDENT], xs);
+    if constexpr (GEO) mv[ASSISTANT] = O::max(mv[ASSISTANT], geometric_mix(xt, xs, c.lam));
+  });
+  for (int x = 0; x < NX; ++x) {
+    alignas(64) F ms[Vec::size()];
+    mv[x].store(ms);
+    M[x] = ms[0];
+    for (int l = 1; l < Vec::size(); ++l) M[x] = std::max(M[x], ms[l]);
+    if (M[x] == neg_inf<F>()) M[x] = F(0);
+    Mv[x] = Vec(M[x]);
+  }
 }
 
 // ---- forward and gradient of a logit-space row: each exp once -----------------------------------
@@ -823,25 +870,9 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   F* kept_w = kept.data();
 
   // pass A: the maxima
-  Vec mv[NX];
-  for (int x = 0; x < NX; ++x) mv[x] = ninf;
-  row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    mv[TEACHER] = O::max(mv[TEACHER], xt);
-    mv[STUDENT] = O::max(mv[STUDENT], xs);
-    if constexpr (GEO) mv[ASSISTANT] = O::max(mv[ASSISTANT], geometric_mix(xt, xs, c.lam));
-  });
-  // An operand that is -inf everywhere gets M = 0: its w are 0 and Z = 0 (log-sum-exp -inf). NaN
-  // or +inf entries (a max may drop a NaN) make a w and so Z NaN: the row is rejected below.
   F M[NX];
   Vec Mv[NX];
-  for (int x = 0; x < NX; ++x) {
-    alignas(64) F ms[W];
-    mv[x].store(ms);
-    M[x] = ms[0];
-    for (int l = 1; l < W; ++l) M[x] = std::max(M[x], ms[l]);
-    if (M[x] == neg_inf<F>()) M[x] = F(0);
-    Mv[x] = Vec(M[x]);
-  }
+  row_maxima<GEO>(row, c, M, Mv);
 
   // pass B: the exps, the normalizers and the terms' sums
   Vec z[NX], zt[NX];
@@ -862,29 +893,13 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       z[j] = z[j] + w[j];
     }
     const auto keep = keep_at(c, xs, xt);
-    for (int i = 0; i < NT; ++i) {
-      const Vec xa = x[lhs[i]], xb = x[rhs[i]], wa = w[lhs[i]];
-      const auto b_zero = O::eq(xb, ninf);
-      const auto mism = O::land(keep, O::land(O::ne(xa, ninf), b_zero));
-      const auto live = O::land(keep, O::lnot(b_zero));
-      if (C10_UNLIKELY(O::any(mism))) mismatch[i] = true;
-      cur[i].f = cur[i].f + O::select(O::land(live, O::ne(xa, ninf)), wa * (kl[i] ? xa - xb : xb), zero);
-      cur[i].s = cur[i].s + O::select(live, wa, zero);
-      if (rhs[i] == STUDENT) cur[i].tq = cur[i].tq + O::select(keep, wa, zero);
-    }
+    add_term_sums<NT>(lhs, rhs, kl, x, w, keep, cur, mismatch);
     w[STUDENT].store(kept_w + k);
     // the lhs of a term on q enters u as dQ = -P_A: 0 where not kept or where s = -inf
     const auto on_q = O::land(keep, O::ne(xs, ninf));
     for (int j = 1; j < n_kept; ++j) O::select(on_q, w[kept_of[j]], zero).store(kept_w + j * Vp + k);
     if (++packs == 64) {
-      for (int j = 0; j < NX; ++j) {
-        zt[j] = zt[j] + z[j];
-        z[j] = zero;
-      }
-      for (int i = 0; i < NT; ++i) {
-        tot[i] = LaneSums<F>{tot[i].f + cur[i].f, tot[i].s + cur[i].s, tot[i].tq + cur[i].tq};
-        cur[i] = LaneSums<F>{zero, zero, zero};
-      }
+      fold_sums<NT, NX>(z, zt, cur, tot);
       packs = 0;
     }
   });
@@ -897,10 +912,7 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   c.lse_t = lse[TEACHER];
   c.lse_s = lse[STUDENT];
   if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-    int64_t code = 2 * n + (std::isfinite(c.lse_s) ? 1 : 0);
-    int64_t prev = bad_row->load();
-    while (code < prev && !bad_row->compare_exchange_weak(prev, code)) {
-    }
+    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
     loss[n] = F(0);
     st_out[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
     std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
@@ -970,6 +982,131 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, O::select(O::eq(xs, ninf), zero, (u - Q * Uv) * sc));
   });
   return true;
+}
+
+// ---- forward and gradient of a TVD row: each exp once -------------------------------------------
+// divergence_fwd_grad for the single term TVD(p||q) (the tvd method) under the "exact" policy, the
+// same way:
+//   pass A  M_t, M_s (row_maxima)
+//   pass B  w_t = exp(t/T - M_t), w_s = exp(s/T - M_s) kept per entry, Z_t, Z_s
+//   pass C  from the kept w: P = w_t / Z_t, Q = w_s / Z_s and tvd_element's
+//             e = |P - Q| / 2,   u = dQ = -Q sign(P - Q) / 2
+//           summed into the loss and U = sum u
+//   pass D  grad = scale (coef u - Q U), u again from the kept w (no transcendental)
+// 2 exps per entry where the generic path makes 5 (its forward's log-sum-exps and elements, the
+// gradient's q); rounds a few ulp away from divergence_bwd, as forward_grad_row_logit. Every part
+// is 0 where s = -inf (Q = 0). Under "exclude" the generic path runs (its mask needs the logits).
+template <class scalar_t>
+void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
+                          compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
+                          std::atomic<int64_t>* bad_row, std::vector<compute_t<scalar_t>>& kept, bool prefetch_next) {
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  const Vec zero(F(0));
+  F* st_out = stats + n * kStats;
+  scalar_t* g_row = grad + n * a.V;
+  RowConsts<F> c;
+  init_row(a.desc, a.params, a.token_weights, n, &c);
+  if (!a.row_mask[n * a.mask_stride]) {  // never read
+    loss[n] = F(0);
+    for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return;
+  }
+  const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+  const int64_t Vp = padded<W>(a.V);
+  if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
+  F* w_t = kept.data();
+  F* w_s = kept.data() + Vp;
+
+  F M[2];
+  Vec Mv[2];
+  row_maxima<false>(row, c, M, Mv);
+
+  // pass B: the exps and the normalizers
+  Vec z[2] = {zero, zero}, zt[2] = {zero, zero};
+  int packs = 0;
+  const NextRow<scalar_t> next(a, n, prefetch_next);
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    next.fetch(k);
+    const Vec et = O::exp(xt - Mv[TEACHER]), es = O::exp(xs - Mv[STUDENT]);
+    et.store(w_t + k);
+    es.store(w_s + k);
+    z[TEACHER] = z[TEACHER] + et;
+    z[STUDENT] = z[STUDENT] + es;
+    if (++packs == 64) {
+      for (int j = 0; j < 2; ++j) {
+        zt[j] = zt[j] + z[j];
+        z[j] = zero;
+      }
+      packs = 0;
+    }
+  });
+  double Z[2];
+  for (int x = 0; x < 2; ++x) {
+    Z[x] = hsum(zt[x] + z[x]);
+    const F lse = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
+    (x == TEACHER ? c.lse_t : c.lse_s) = lse;
+  }
+  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
+    loss[n] = F(0);
+    st_out[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return;
+  }
+
+  // pass C: the elements and U (padding entries: P = Q = 0, adding nothing)
+  const Vec inv_Zt(static_cast<F>(1.0 / Z[TEACHER])), inv_Zs(static_cast<F>(1.0 / Z[STUDENT]));
+  const F coef = c.coef[0];
+  auto at = [&](int64_t k, Vec* e, Vec* Q) KDPLUG_LAMBDA_INLINE {  // u at entries [k, k + W)
+    const Vec P = Vec::loadu(w_t + k) * inv_Zt;
+    *Q = Vec::loadu(w_s + k) * inv_Zs;
+    const Vec diff = P - *Q;
+    const Vec half_sign = O::select(O::gt(diff, zero), Vec(F(0.5)), O::select(O::lt(diff, zero), Vec(F(-0.5)), zero));
+    *e = O::abs(diff) * Vec(F(0.5));
+    return Vec(coef) * (O::neg(*Q) * half_sign);
+  };
+  double e_tot = 0, U = 0;
+  if (coef != F(0)) {  // (a zero weight: loss and gradient exactly 0, as mul0 makes them)
+    Vec e_acc = zero, u_acc = zero;
+    packs = 0;
+    for (int64_t k = 0; k < a.V; k += W) {
+      Vec e, Q;
+      u_acc = u_acc + at(k, &e, &Q);
+      e_acc = e_acc + e;
+      if (++packs == 64) {
+        e_tot += hsum(e_acc);
+        U += hsum(u_acc);
+        e_acc = u_acc = zero;
+        packs = 0;
+      }
+    }
+    e_tot += hsum(e_acc);
+    U += hsum(u_acc);
+  }
+  loss[n] = static_cast<F>(static_cast<double>(coef) * e_tot);
+  st_out[STAT_LSE_S] = c.lse_s;
+  st_out[STAT_LSE_T] = c.lse_t;
+  st_out[STAT_LOG_Z] = c.log_z;
+  st_out[STAT_H_R] = F(0);
+  st_out[STAT_U] = static_cast<F>(U);
+  const F scale = grad_scale[n] / c.T;
+  if (scale == F(0) || coef == F(0)) {
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return;
+  }
+
+  // pass D: the gradient
+  const Vec Uv(static_cast<F>(U)), sc(scale);
+  const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+  for (int64_t k = 0; k < a.V; k += W) {
+    Vec e, Q;
+    const Vec u = at(k, &e, &Q);
+    store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
+  }
 }
 
 // ---- backward ----------------------------------------------------------------------------------
@@ -1052,6 +1189,7 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 //     forward_grad_row_logit (maxima, exps kept, gradient from the kept exps); the same values as
 //     divergence_fwd + divergence_bwd to a few ulp. A row with a large |lse| falls back to the
 //     2-pass forward and backward_rows' pass;
+//   * TVD(p||q) alone ("exact" policy, float / bfloat16): forward_grad_row_tvd, the same way;
 //   * the others: forward_rows keeps each entry's v = h^q + w h^r and w r (KEEP) in a per-thread
 //     scratch row (2 V floats), and the gradient pass is
 //         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
@@ -1086,6 +1224,12 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         if (done) continue;
         // |lse| too large for the one-pass loss: the 2-pass forward, then divergence_bwd's pass
         forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
+      }
+    }
+    if constexpr (MIX == MIX_NONE && SIG == sig_of(TVD, TEACHER, STUDENT)) {
+      if (a.desc.policy != EXCLUDE) {
+        forward_grad_row_tvd<scalar_t>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+        continue;
       }
     }
     if (!one_pass) {
