@@ -544,6 +544,32 @@ def test_fwd_grad_op_is_fwd_then_bwd(name, params, dtype):
     assert (grad[s == NINF] == 0).all() and (grad[~mask] == 0).all() and (grad[3] == 0).all()  # scale[3] = 0
 
 
+# the logit-space recipes (forward_grad_row_logit)
+LOGIT_CASES = [c for c in CASES if c[0] not in ("distillm2", "tvd") and kept_exps(*c, torch.float32)]
+
+
+@pytest.mark.parametrize("V", [37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name,params", [c for c in LOGIT_CASES], ids=[CASE_IDS[CASES.index(c)] for c in LOGIT_CASES])
+def test_fwd_grad_rows_without_ninf(name, params, dtype, V):
+    """A row with no -inf entry takes divergence_fwd_grad's mask-free passes; the same row with a
+    column appended that is -inf on both sides (which adds exactly 0 to every sum) takes the masked
+    ones. Loss, statistics and gradient must agree bit for bit."""
+    _, structure, consts, p = packed(name, **params)
+    s, t = make_logits((4, V), dtype, seed=11)
+    ninf_col = torch.full((4, 1), NINF, dtype=dtype)
+    s2, t2 = torch.cat([s, ninf_col], 1), torch.cat([t, ninf_col], 1)
+    mask = torch.tensor([True, False, True, True])
+    cdt = torch.float32
+    scale = torch.tensor([0.5, 1.0, -2.0, 1.0], dtype=cdt)
+    tw = torch.rand(4, structure[3], dtype=torch.float64) if name == "akl" else None
+    loss, stats, grad = torch.ops.kdplug.divergence_fwd_grad(s, t, p, tw, mask, scale, structure, consts)
+    loss2, stats2, grad2 = torch.ops.kdplug.divergence_fwd_grad(s2, t2, p, tw, mask, scale, structure, consts)
+    assert torch.isfinite(loss).all() and (loss[mask] != 0).all()
+    assert torch.equal(loss, loss2) and torch.equal(stats, stats2)
+    assert torch.equal(grad, grad2[:, :V]) and (grad2[:, V] == 0).all()
+
+
 def test_opcheck_fwd_grad():
     _, structure, consts, p = packed("amid", alpha=0.5)
     s, t = make_logits((5, 19), torch.float64, seed=6)

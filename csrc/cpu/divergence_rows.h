@@ -256,6 +256,28 @@ inline void report_bad_row(std::atomic<int64_t>* bad_row, int64_t n, bool studen
   }
 }
 
+// A row whose passes did not run: masked (loss and statistics 0, never read) or rejected (reported
+// with report_bad_row for the op to raise; its STAT_LSE_S NaN tells divergence_fwd_grad's gradient
+// pass to skip it). Its gradient row, where there is one (g_row), is zero-filled.
+template <class scalar_t, class F>
+KDPLUG_INLINE void no_loss_row(F* loss_n, F* st, scalar_t* g_row, int64_t V, bool rejected) {
+  *loss_n = F(0);
+  for (int j = 0; j < kStats; ++j) st[j] = F(0);
+  if (rejected) st[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
+  if (g_row != nullptr) std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * V);
+}
+
+// A row's loss and statistics (row_stats' layout) once its passes are done.
+template <class F>
+KDPLUG_INLINE void store_row(F* loss_n, F* st, const RowConsts<F>& c, double total, double H_r, double U) {
+  *loss_n = static_cast<F>(total);
+  st[STAT_LSE_S] = c.lse_s;
+  st[STAT_LSE_T] = c.lse_t;
+  st[STAT_LOG_Z] = c.log_z;
+  st[STAT_H_R] = static_cast<F>(H_r);
+  st[STAT_U] = static_cast<F>(U);
+}
+
 // Rows per task: enough entries per task that small rows do not pay one task each.
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -404,9 +426,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
   using Vec = Vectorized<F>;
   for (int64_t n = begin; n < end; ++n) {
     F* st_out = stats + n * kStats;
-    if (!a.row_mask[n * a.mask_stride]) {  // never read
-      loss[n] = F(0);
-      for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+    if (!a.row_mask[n * a.mask_stride]) {
+      no_loss_row(loss + n, st_out, static_cast<scalar_t*>(nullptr), a.V, /*rejected=*/false);
       continue;
     }
     RowConsts<F> c;
@@ -425,7 +446,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     c.lse_t = lt.value();
     if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
       report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-      loss[n] = F(0);
+      no_loss_row(loss + n, st_out, static_cast<scalar_t*>(nullptr), a.V, /*rejected=*/true);
       continue;
     }
     if constexpr (MIX == MIX_GEOMETRIC) c.log_z = lg.value();
@@ -511,12 +532,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     double total = 0;
     for (int i = 0; i < c.n_terms; ++i)
       if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
-    loss[n] = static_cast<F>(total);
-    st_out[STAT_LSE_S] = c.lse_s;
-    st_out[STAT_LSE_T] = c.lse_t;
-    st_out[STAT_LOG_Z] = c.log_z;
-    st_out[STAT_H_R] = static_cast<F>(h_r);
-    st_out[STAT_U] = static_cast<F>(h_q + w_h_r - h_r * w_r);
+    store_row(loss + n, st_out, c, total, h_r, h_q + w_h_r - h_r * w_r);
   }
 }
 
@@ -637,8 +653,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
   for (int64_t n = begin; n < end; ++n) {
     F* st_out = stats + n * kStats;
     if (!a.row_mask[n * a.mask_stride]) {
-      loss[n] = F(0);
-      for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
+      no_loss_row(loss + n, st_out, static_cast<scalar_t*>(nullptr), a.V, /*rejected=*/false);
       continue;
     }
     RowConsts<F> c;
@@ -711,7 +726,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     c.lse_s = lse[STUDENT];
     if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
       report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-      loss[n] = F(0);
+      no_loss_row(loss + n, st_out, static_cast<scalar_t*>(nullptr), a.V, /*rejected=*/true);
       continue;
     }
     if constexpr (GEO) c.log_z = lse[ASSISTANT];
@@ -739,12 +754,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     }
     double total, U;
     logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
-    loss[n] = static_cast<F>(total);
-    st_out[STAT_LSE_S] = c.lse_s;
-    st_out[STAT_LSE_T] = c.lse_t;
-    st_out[STAT_LOG_Z] = c.log_z;
-    st_out[STAT_H_R] = F(0);
-    st_out[STAT_U] = static_cast<F>(U);
+    store_row(loss + n, st_out, c, total, 0.0, U);
   }
 }
 
@@ -778,18 +788,22 @@ inline void store_fence() {
 // Pass A of the rows whose exps are kept: each operand's maximum M over the row (t/T, s/T, and the
 // geometric mixture's g with GEO), no transcendental. An operand that is -inf everywhere gets
 // M = 0: its w = exp(x - M) are 0 and Z = 0 (log-sum-exp -inf). NaN or +inf entries (a max may
-// drop a NaN) make a w and so Z NaN: the caller rejects the row.
+// drop a NaN) make a w and so Z NaN: the caller rejects the row. Returns whether some entry of
+// s/T or t/T is -inf (the padding of the last pack aside): a row without one needs none of the
+// zero rules' masks (forward_grad_row_logit's CLEAN passes).
 template <bool GEO, class scalar_t, class F>
-KDPLUG_INLINE void row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& c, F* M, Vectorized<F>* Mv) {
+KDPLUG_INLINE bool row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& c, F* M, Vectorized<F>* Mv) {
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
   constexpr int NX = GEO ? 3 : 2;
   Vec mv[NX];
   for (int x = 0; x < NX; ++x) mv[x] = Vec(neg_inf<F>());
-  row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+  Vec lo(std::numeric_limits<F>::infinity());
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     mv[TEACHER] = O::max(mv[TEACHER], xt);
     mv[STUDENT] = O::max(mv[STUDENT], xs);
     if constexpr (GEO) mv[ASSISTANT] = O::max(mv[ASSISTANT], geometric_mix(xt, xs, c.lam));
+    if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
   });
   for (int x = 0; x < NX; ++x) {
     alignas(64) F ms[Vec::size()];
@@ -799,6 +813,13 @@ KDPLUG_INLINE void row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& 
     if (M[x] == neg_inf<F>()) M[x] = F(0);
     Mv[x] = Vec(M[x]);
   }
+  bool ninf = O::any(O::eq(lo, Vec(neg_inf<F>())));
+  for (int64_t k = row.main_end; k < row.V; ++k) {  // the last pack's real entries
+    const int i = static_cast<int>(k - row.main_end);
+    ninf = ninf || static_cast<F>(row.s_tail[i]) * row.inv_T == neg_inf<F>() ||
+           static_cast<F>(row.t_tail[i]) * row.inv_T == neg_inf<F>();
+  }
+  return ninf;
 }
 
 // ---- forward and gradient of a logit-space row: each exp once -----------------------------------
@@ -819,6 +840,11 @@ KDPLUG_INLINE void row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& 
 // two: fkl, rkl, symmetric KL, AKL 4 -> 2 exps per entry, TAID 5 -> 3. P = w / Z rounds
 // differently from the backward's exp(x - lse): the gradient agrees with divergence_bwd's to a
 // few ulp, not bit for bit (a second backward recomputes with this op, see kdplug/_ops.py).
+//
+// A row with no -inf entry (pass A says so; most rows of a training batch) takes CLEAN passes B
+// and C, for the built-in recipes (SIG != 0): every entry is live and kept and none is a support
+// mismatch, so the masks go and each term's s and tq are Z_A itself (the masked sums add the same
+// w in the same order: the same bits). The last pack's -inf padding still takes the masked code.
 // Returns false, having written nothing, for a row whose |lse| exceeds kFusedLseLimit (the
 // caller recomputes it with the 2-pass forward and divergence_bwd's pass).
 template <class scalar_t, bool GEO, int NT, int SIG>
@@ -834,19 +860,16 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   const Vec zero(F(0)), ninf(neg_inf<F>());
   F* st_out = stats + n * kStats;
   scalar_t* g_row = grad + n * a.V;
-  const bool live_row = a.row_mask[n * a.mask_stride];
+  if (!a.row_mask[n * a.mask_stride]) {
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/false);
+    return true;
+  }
   RowConsts<F> c;
   init_row(a.desc, a.params, a.token_weights, n, &c);
   // the built-in recipes' terms as constants: the operand arrays below are then indexed at compile
   // time and stay in registers (symmetric KL 890 -> 566 ms, TAID 715 -> 602 ms on AVX2)
   pin_terms<SIG>(c);
-  const F scale = live_row ? grad_scale[n] / c.T : F(0);
-  if (!live_row) {  // never read
-    loss[n] = F(0);
-    for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
-    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
-    return true;
-  }
+  const F scale = grad_scale[n] / c.T;
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
   int lhs[NT], rhs[NT];
   bool kl[NT];
@@ -875,116 +898,129 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   // pass A: the maxima
   F M[NX];
   Vec Mv[NX];
-  row_maxima<GEO>(row, c, M, Mv);
+  const bool has_ninf = row_maxima<GEO>(row, c, M, Mv);
 
-  // pass B: the exps, the normalizers and the terms' sums
-  Vec z[NX], zt[NX];
-  LaneSums<F> cur[NT], tot[NT];
-  for (int x = 0; x < NX; ++x) z[x] = zt[x] = zero;
-  for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
-  bool mismatch[NT] = {};
-  int packs = 0;
-  const NextRow<scalar_t> next(a, n, prefetch_next);
-  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    next.fetch(k);
-    Vec x[NX], w[NX];
-    x[TEACHER] = xt;
-    x[STUDENT] = xs;
-    if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
-    for (int j = 0; j < NX; ++j) {
-      w[j] = O::exp(x[j] - Mv[j]);
-      z[j] = z[j] + w[j];
-    }
-    const auto keep = keep_at(c, xs, xt);
-    add_term_sums<NT>(lhs, rhs, kl, x, w, keep, cur, mismatch);
-    w[STUDENT].store(kept_w + k);
-    // the lhs of a term on q enters u as dQ = -P_A: 0 where not kept or where s = -inf
-    const auto on_q = O::land(keep, O::ne(xs, ninf));
-    for (int j = 1; j < n_kept; ++j) O::select(on_q, w[kept_of[j]], zero).store(kept_w + j * Vp + k);
-    if (++packs == 64) {
-      fold_sums<NT, NX>(z, zt, cur, tot);
-      packs = 0;
-    }
-  });
-  double Z[NX];
-  F lse[NX];
-  for (int x = 0; x < NX; ++x) {
-    Z[x] = hsum(zt[x] + z[x]);
-    lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
-  }
-  c.lse_t = lse[TEACHER];
-  c.lse_s = lse[STUDENT];
-  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-    loss[n] = F(0);
-    st_out[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
-    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
-    return true;
-  }
-  if constexpr (GEO) c.log_z = lse[ASSISTANT];
-  {
-    bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
-    if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
-    if (large) return false;
-  }
-  LogitTermSums sums[NT];
-  for (int i = 0; i < NT; ++i)
-    sums[i] = LogitTermSums{hsum(tot[i].f + cur[i].f), hsum(tot[i].s + cur[i].s), hsum(tot[i].tq + cur[i].tq),
-                            mismatch[i]};
-  double total, U;
-  logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
-  loss[n] = static_cast<F>(total);
-  st_out[STAT_LSE_S] = c.lse_s;
-  st_out[STAT_LSE_T] = c.lse_t;
-  st_out[STAT_LOG_Z] = c.log_z;
-  st_out[STAT_H_R] = F(0);
-  st_out[STAT_U] = static_cast<F>(U);
-  if (scale == F(0)) {  // no incoming gradient: exactly 0
-    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
-    return true;
-  }
-
-  // pass C: the gradient. coef_P[j]: -sum of coef / Z_A over the terms on q with lhs kept_of[j]
-  F coef_P[NX] = {};
-  for (int i = 0; i < NT; ++i)
-    if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT && Z[lhs[i]] != 0.0)
-      coef_P[slot_of[lhs[i]]] -= static_cast<F>(c.coef[i] / Z[lhs[i]]);
-  const Vec inv_Zq(static_cast<F>(1.0 / Z[STUDENT])), Uv(static_cast<F>(U)), sc(scale);
-  const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
-  auto u_kept = [&](int64_t k) KDPLUG_LAMBDA_INLINE {
-    Vec u = zero;
-    for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * Vec::loadu(kept_w + j * Vp + k);
-    return u;
-  };
-  if (!q_lhs) {
-    // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
-    for (int64_t k = 0; k < a.V; k += W) {
-      const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
-      store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
-    }
-    return true;
-  }
-  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
-    const Vec lq = xs - Vec(c.lse_s);
-    const auto keep = keep_at(c, xs, xt);
-    Vec u = u_kept(k);
-    for (int i = 0; i < NT; ++i) {
-      if (lhs[i] != STUDENT || c.coef[i] == F(0)) continue;
-      Vec lb;
-      if (rhs[i] == TEACHER) {
-        lb = xt - Vec(c.lse_t);
-      } else {  // the geometric mixture (0 everywhere when log Z = -inf)
-        lb = c.log_z == neg_inf<F>() ? ninf : geometric_mix(xt, xs, c.lam) - Vec(c.log_z);
+  auto passes_b_c = [&](auto clean_c) KDPLUG_LAMBDA_INLINE -> bool {
+    constexpr bool CLEAN = decltype(clean_c)::value;
+    // pass B: the exps, the normalizers and the terms' sums
+    Vec z[NX], zt[NX];
+    LaneSums<F> cur[NT], tot[NT];
+    for (int x = 0; x < NX; ++x) z[x] = zt[x] = zero;
+    for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
+    bool mismatch[NT] = {};
+    int packs = 0;
+    const NextRow<scalar_t> next(a, n, prefetch_next);
+    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      next.fetch(k);
+      Vec x[NX], w[NX];
+      x[TEACHER] = xt;
+      x[STUDENT] = xs;
+      if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
+      for (int j = 0; j < NX; ++j) {
+        w[j] = O::exp(x[j] - Mv[j]);
+        z[j] = z[j] + w[j];
       }
-      // kl_element's / ce_element's dP with P = q
-      Vec d = kl[i] ? mul0(Q, (lq - lb) + Vec(F(1))) : mul0(Q, O::neg(lb));
-      if (c.exclude) d = O::select(keep, d, zero);
-      u = u + Vec(c.coef[i]) * finite_or_0(d);
+      w[STUDENT].store(kept_w + k);
+      if (CLEAN && k < row.main_end) {  // add_term_sums without masks (s, tq: Z_A, below)
+        for (int i = 0; i < NT; ++i) cur[i].f = cur[i].f + w[lhs[i]] * (kl[i] ? x[lhs[i]] - x[rhs[i]] : x[rhs[i]]);
+        for (int j = 1; j < n_kept; ++j) w[kept_of[j]].store(kept_w + j * Vp + k);
+      } else {
+        const auto keep = keep_at(c, xs, xt);
+        add_term_sums<NT>(lhs, rhs, kl, x, w, keep, cur, mismatch);
+        // the lhs of a term on q enters u as dQ = -P_A: 0 where not kept or where s = -inf
+        const auto on_q = O::land(keep, O::ne(xs, ninf));
+        for (int j = 1; j < n_kept; ++j) O::select(on_q, w[kept_of[j]], zero).store(kept_w + j * Vp + k);
+      }
+      if (++packs == 64) {
+        fold_sums<NT, NX>(z, zt, cur, tot);
+        packs = 0;
+      }
+    });
+    double Z[NX];
+    F lse[NX];
+    for (int x = 0; x < NX; ++x) {
+      Z[x] = hsum(zt[x] + z[x]);
+      lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
     }
-    store_grad_pack<scalar_t>(g_row, k, a.V, aligned, O::select(O::eq(xs, ninf), zero, (u - Q * Uv) * sc));
-  });
-  return true;
+    c.lse_t = lse[TEACHER];
+    c.lse_s = lse[STUDENT];
+    if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+      report_bad_row(bad_row, n, std::isfinite(c.lse_s));
+      no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
+      return true;
+    }
+    if constexpr (GEO) c.log_z = lse[ASSISTANT];
+    {
+      bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
+      if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
+      if (large) return false;
+    }
+    LogitTermSums sums[NT];
+    for (int i = 0; i < NT; ++i) {
+      const double s = CLEAN ? Z[lhs[i]] : hsum(tot[i].s + cur[i].s);
+      const double tq = CLEAN ? Z[lhs[i]] : hsum(tot[i].tq + cur[i].tq);
+      sums[i] = LogitTermSums{hsum(tot[i].f + cur[i].f), s, tq, mismatch[i]};
+    }
+    double total, U;
+    logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
+    store_row(loss + n, st_out, c, total, 0.0, U);
+    if (scale == F(0)) {  // no incoming gradient: exactly 0
+      std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+      return true;
+    }
+
+    // pass C: the gradient. coef_P[j]: -sum of coef / Z_A over the terms on q with lhs kept_of[j]
+    F coef_P[NX] = {};
+    for (int i = 0; i < NT; ++i)
+      if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT && Z[lhs[i]] != 0.0)
+        coef_P[slot_of[lhs[i]]] -= static_cast<F>(c.coef[i] / Z[lhs[i]]);
+    const Vec inv_Zq(static_cast<F>(1.0 / Z[STUDENT])), Uv(static_cast<F>(U)), sc(scale);
+    const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+    auto u_kept = [&](int64_t k) KDPLUG_LAMBDA_INLINE {
+      Vec u = zero;
+      for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * Vec::loadu(kept_w + j * Vp + k);
+      return u;
+    };
+    if (!q_lhs) {
+      // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
+      for (int64_t k = 0; k < a.V; k += W) {
+        const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+        store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
+      }
+      return true;
+    }
+    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+      const Vec lq = xs - Vec(c.lse_s);
+      Vec u = u_kept(k);
+      for (int i = 0; i < NT; ++i) {
+        if (lhs[i] != STUDENT || c.coef[i] == F(0)) continue;
+        Vec lb;
+        if (rhs[i] == TEACHER) {
+          lb = xt - Vec(c.lse_t);
+        } else {  // the geometric mixture (0 everywhere when log Z = -inf)
+          lb = c.log_z == neg_inf<F>() ? ninf : geometric_mix(xt, xs, c.lam) - Vec(c.log_z);
+        }
+        // kl_element's / ce_element's dP with P = q (CLEAN: Q, lq and lB finite, mul0 = *)
+        Vec d;
+        if constexpr (CLEAN) {
+          d = kl[i] ? Q * ((lq - lb) + Vec(F(1))) : Q * O::neg(lb);
+        } else {
+          d = kl[i] ? mul0(Q, (lq - lb) + Vec(F(1))) : mul0(Q, O::neg(lb));
+          if (c.exclude) d = O::select(keep_at(c, xs, xt), d, zero);
+        }
+        u = u + Vec(c.coef[i]) * finite_or_0(d);
+      }
+      const Vec gk = (u - Q * Uv) * sc;
+      // (CLEAN: s > -inf but in the padding, which store_grad_pack does not store)
+      store_grad_pack<scalar_t>(g_row, k, a.V, aligned, CLEAN ? gk : O::select(O::eq(xs, ninf), zero, gk));
+    });
+    return true;
+  };
+  if constexpr (SIG != 0) {
+    if (!has_ninf) return passes_b_c(std::true_type{});
+  }
+  return passes_b_c(std::false_type{});
 }
 
 // ---- forward and gradient of a TVD row: each exp once -------------------------------------------
@@ -1010,14 +1046,12 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
   const Vec zero(F(0));
   F* st_out = stats + n * kStats;
   scalar_t* g_row = grad + n * a.V;
-  RowConsts<F> c;
-  init_row(a.desc, a.params, a.token_weights, n, &c);
-  if (!a.row_mask[n * a.mask_stride]) {  // never read
-    loss[n] = F(0);
-    for (int j = 0; j < kStats; ++j) st_out[j] = F(0);
-    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+  if (!a.row_mask[n * a.mask_stride]) {
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/false);
     return;
   }
+  RowConsts<F> c;
+  init_row(a.desc, a.params, a.token_weights, n, &c);
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
   const int64_t Vp = padded<W>(a.V);
   if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
@@ -1040,10 +1074,7 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
     z[TEACHER] = z[TEACHER] + et;
     z[STUDENT] = z[STUDENT] + es;
     if (++packs == 64) {
-      for (int j = 0; j < 2; ++j) {
-        zt[j] = zt[j] + z[j];
-        z[j] = zero;
-      }
+      fold_sums<0, 2>(z, zt, static_cast<LaneSums<F>*>(nullptr), static_cast<LaneSums<F>*>(nullptr));
       packs = 0;
     }
   });
@@ -1055,9 +1086,7 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
   }
   if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
     report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-    loss[n] = F(0);
-    st_out[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();
-    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
     return;
   }
 
@@ -1090,12 +1119,7 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
     e_tot += hsum(e_acc);
     U += hsum(u_acc);
   }
-  loss[n] = static_cast<F>(static_cast<double>(coef) * e_tot);
-  st_out[STAT_LSE_S] = c.lse_s;
-  st_out[STAT_LSE_T] = c.lse_t;
-  st_out[STAT_LOG_Z] = c.log_z;
-  st_out[STAT_H_R] = F(0);
-  st_out[STAT_U] = static_cast<F>(U);
+  store_row(loss + n, st_out, c, static_cast<double>(coef) * e_tot, 0.0, U);
   const F scale = grad_scale[n] / c.T;
   if (scale == F(0) || coef == F(0)) {
     std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
@@ -1199,6 +1223,12 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 //     (grad_at's u, grouped the same way), without the elements, the mixture or its weight again:
 //     the expensive half of the backward's math. These values and gradients are divergence_fwd's
 //     and divergence_bwd's, bit for bit.
+// Whether forward_grad_row_logit can run the recipe (MIX, SIG): a logit-space mixture, and with
+// SIG != 0 terms that are all KL or CE (the other pinned terms never take it: not instantiated).
+template <int MIX, int SIG>
+constexpr bool kLogitSig = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) &&
+                           (SIG == 0 || SIG == SIG_SYM || (SIG < SIG_JS && ((SIG - 1) % 4 == KL || (SIG - 1) % 4 == CE)));
+
 template <class scalar_t, int MIX, int SIG>
 void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<scalar_t>* grad_scale,
                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad, int64_t begin,
@@ -1208,22 +1238,27 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
   using O = Ops<Vec>;
   constexpr int W = Vec::size();
   const int64_t Vp = padded<W>(a.V);
-  // (fused_eligible recipes have no mixture or a geometric one)
-  const bool one_pass = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) && fused;
+  const bool one_pass = kLogitSig<MIX, SIG> && fused;
   std::vector<F> kept;
   for (int64_t n = begin; n < end; ++n) {
     F* st = stats + n * kStats;
     scalar_t* g = grad + n * a.V;
-    st[STAT_LSE_S] = std::numeric_limits<F>::quiet_NaN();  // stays NaN if the row is rejected
     bool keep = false;
-    if constexpr (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) {
+    if constexpr (kLogitSig<MIX, SIG>) {
       if (one_pass) {
-        const bool done =
-            a.desc.n_terms == 1
-                ? forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, 1, SIG>(a, n, grad_scale, loss, stats, grad,
-                                                                            bad_row, kept, n + 1 < end)
-                : forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, 2, SIG>(a, n, grad_scale, loss, stats, grad,
-                                                                            bad_row, kept, n + 1 < end);
+        auto logit_row = [&](auto nt) {
+          return forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, decltype(nt)::value, SIG>(
+              a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+        };
+        bool done;
+        if constexpr (SIG == SIG_JS || SIG == SIG_SYM) {
+          done = logit_row(std::integral_constant<int, 2>{});
+        } else if constexpr (SIG != 0) {
+          done = logit_row(std::integral_constant<int, 1>{});
+        } else {
+          done = a.desc.n_terms == 1 ? logit_row(std::integral_constant<int, 1>{})
+                                     : logit_row(std::integral_constant<int, 2>{});
+        }
         if (done) continue;
         // |lse| too large for the one-pass loss: the 2-pass forward, then divergence_bwd's pass
         forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
