@@ -570,6 +570,54 @@ def test_fwd_grad_rows_without_ninf(name, params, dtype, V):
     assert torch.equal(grad, grad2[:, :V]) and (grad2[:, V] == 0).all()
 
 
+GRAD_CACHE_SCRIPT = """
+import torch
+from kdplug._pack import params_tensor, structure_and_consts
+import kdplug
+recipe = kdplug.get("fkl").recipe
+structure, consts = (list(x) for x in structure_and_consts(recipe, "exact"))
+p = params_tensor(recipe, 1.0, {}, torch.device("cpu"))
+def fwd_grad(seed, n=64, v=32768):  # gradients of 8 MiB: the cache's size class
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(n, v, generator=g), torch.randn(n, v, generator=g)
+    mask, scale = torch.ones(n, dtype=torch.bool), torch.ones(n)
+    grad = torch.ops.kdplug.divergence_fwd_grad(s, t, p, None, mask, scale, structure, consts)[2]
+    stats = torch.ops.kdplug.divergence_fwd(s, t, p, None, mask, structure, consts)[1]
+    ref = torch.ops.kdplug.divergence_bwd(scale, s, t, p, None, mask, stats, structure, consts)
+    return grad, ref
+ok = []
+g1, r1 = fwd_grad(0)
+ok.append(torch.allclose(g1, r1, rtol=1e-5, atol=1e-9))
+last = r1.data_ptr()
+del g1, r1  # r1 freed last: the buffer the cache keeps
+g2, r2 = fwd_grad(1)
+ok.append(torch.allclose(g2, r2, rtol=1e-5, atol=1e-9))
+reused = g2.data_ptr() == last
+del g2, r2
+g3, r3 = fwd_grad(2, n=16)  # a quarter of the size: a new mapping
+ok.append(torch.allclose(g3, r3, rtol=1e-5, atol=1e-9))
+print(all(ok), reused)
+"""
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_gradient_buffer_cache(cache):
+    """The CPU ops keep the last freed gradient buffer (>= 8 MiB) mapped and hand it out again to
+    the next gradient of about its size; KDPLUG_GRAD_CACHE=0 unmaps every buffer. Either way each
+    gradient holds its own call's values."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", GRAD_CACHE_SCRIPT], env=dict(os.environ, KDPLUG_GRAD_CACHE=cache),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    values_ok, reused = out.stdout.split()[-2:]
+    assert values_ok == "True"
+    if cache == "1":  # (off, a fresh mapping may still land at the address just unmapped)
+        assert reused == "True"
+
+
 def test_opcheck_fwd_grad():
     _, structure, consts, p = packed("amid", alpha=0.5)
     s, t = make_logits((5, 19), torch.float64, seed=6)

@@ -4,13 +4,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -93,25 +96,90 @@ Args<scalar_t> make_args(const at::Tensor& s, const at::Tensor& t, const at::Ten
   return a;
 }
 
-// The gradient is the one N x V allocation. Fresh pages cost more than the kernel itself on some
-// machines (page faults of a 1 GB buffer took 0.2-0.5 s here, vs ~0.1 s for the whole pass);
-// asking for transparent huge pages before the first touch cuts that ~5x. KDPLUG_THP=0 turns it
-// off. Harmless where THP is disabled.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* v = std::getenv("KDPLUG_THP");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
-  if (!enabled || bytes < 4 * huge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
+// ---- the gradient's memory ------------------------------------------------------------------
+// The gradient is the one N x V allocation, and fresh memory costs its first touch: the kernel
+// zero-fills every page as it is mapped. At N = 2048, V = 128256 fp32 that was 0.2-0.5 s with
+// 4 KiB pages (vs ~0.1 s for the whole pass on the AVX-512 machine), and with transparent huge
+// pages still ~45% of an FKL forward + gradient call on the AVX2 machine (perf: clear_page). A
+// training step frees the gradient before the next step asks for the same size, so a freed
+// gradient buffer (one, the last freed) is kept mapped and handed out again: no page is touched
+// for the first time. The cache never holds a buffer while a new one is mapped (a buffer that does
+// not fit is unmapped first), so a call's peak stays one N x V; between calls the cached buffer
+// is resident, as with CUDA's caching allocator. KDPLUG_GRAD_CACHE=0 turns the cache off,
+// KDPLUG_THP=0 the huge pages. Buffers under 8 MiB come from the default allocator.
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+#if defined(__linux__)
+class GradientCache {
+ public:
+  // A mapping of at least `bytes` (rounded up to 2 MiB), its pages already touched if it is the
+  // cached one; capacity: its length.
+  void* take(size_t bytes, size_t* capacity) {
+    const size_t want = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* old = nullptr;
+    size_t old_len = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ptr_ != nullptr && len_ >= want && len_ - want <= want / 4) {  // fits, wastes <= 25%
+        *capacity = len_;
+        return std::exchange(ptr_, nullptr);
+      }
+      old = std::exchange(ptr_, nullptr);
+      old_len = len_;
+    }
+    if (old != nullptr) munmap(old, old_len);  // before mapping the new one: one buffer at a time
+    void* p = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "kdplug: could not allocate the ", bytes, "-byte gradient");
+#if defined(MADV_HUGEPAGE)
+    static const bool thp = env_on("KDPLUG_THP");
+    if (thp) madvise(p, want, MADV_HUGEPAGE);
 #endif
+    *capacity = want;
+    return p;
+  }
+
+  // The tensor's deleter: keep the buffer (replacing an older one) unless the cache is off.
+  void give_back(void* p, size_t len) {
+    static const bool on = env_on("KDPLUG_GRAD_CACHE");
+    void* old = p;
+    size_t old_len = len;
+    if (on) {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::swap(old, ptr_);
+      std::swap(old_len, len_);
+    }
+    if (old != nullptr) munmap(old, old_len);
+  }
+
+  // never destroyed: a tensor may be freed after this library's static destructors ran
+  static GradientCache& get() {
+    static GradientCache* cache = new GradientCache;
+    return *cache;
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  std::mutex mu_;
+  void* ptr_ = nullptr;
+  size_t len_ = 0;
+};
+#endif
+
+// An uninitialized contiguous [N, V] tensor for a gradient (see above).
+at::Tensor gradient_buffer(int64_t N, int64_t V, const at::TensorOptions& options) {
+#if defined(__linux__)
+  const size_t bytes = static_cast<size_t>(N) * static_cast<size_t>(V) * options.dtype().itemsize();
+  if (bytes >= (size_t(8) << 20)) {
+    size_t capacity = 0;
+    void* p = GradientCache::get().take(bytes, &capacity);
+    return at::from_blob(
+        p, {N, V}, [capacity](void* q) { GradientCache::get().give_back(q, capacity); }, options);
+  }
+#endif
+  return at::empty({N, V}, options);
 }
 
 // A per-row factor of the gradient (grad_loss, grad_scale): a compute-dtype CPU vector [N].
@@ -161,9 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
   const auto opts = student_logits.options().dtype(cdt);
   at::Tensor loss = at::empty({N}, opts);
   at::Tensor row_stats = at::empty({N, kStats}, opts);
-  at::Tensor grad = at::empty({N, V}, student_logits.options());
+  at::Tensor grad = gradient_buffer(N, V, student_logits.options());
   if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_(), grad};
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const at::Tensor gs = grad_scale.contiguous();
   std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_fwd_grad", [&] {
@@ -205,8 +272,7 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
                               const at::Tensor& row_stats, at::IntArrayRef structure, at::ArrayRef<double> consts) {
   const RecipeDesc d = decode(structure, consts);
   const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
-  at::Tensor grad = at::empty({N, V}, student_logits.options());
-  if (grad.numel() > 0) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  at::Tensor grad = gradient_buffer(N, V, student_logits.options());
   backward_into(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats, d, N,
                 grad.data_ptr(), V);
   return grad;
