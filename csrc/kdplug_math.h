@@ -228,12 +228,17 @@ struct Element {
 //   dQ = -P
 // Numerics: P = exp(lP) in [0, 1]; P == 0 (lP = -inf, or underflow) gives e = dP = 0 whatever
 // lQ is (mul0). lQ = -inf with P > 0 gives e = dP = +inf: the support mismatch.
+// (The overloads with P: the caller has P = exp(lP) at hand already, e.g. from a kept exp.)
 template <class V>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> kl_element(V lP, V lQ) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> kl_element(V lP, V lQ, V P) {
   using O = Ops<V>;
-  V P = O::exp(lP);
   V diff = lP - lQ;
   return {mul0(P, diff), mul0(P, diff + V(1)), O::neg(P)};
+}
+
+template <class V>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> kl_element(V lP, V lQ) {
+  return kl_element(lP, lQ, Ops<V>::exp(lP));
 }
 
 // CE(P||Q) = -sum P lQ = KL(P||Q) + H(P) (DistiLLM's "forward KL" value): e = -P lQ.
@@ -241,23 +246,31 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> kl_element(V lP, V lQ) {
 // (The recipe validator only lets CE have an lhs that does not depend on the student, so its
 // gradient w.r.t. the student equals KL's.)
 template <class V>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ce_element(V lP, V lQ) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ce_element(V lP, V lQ, V P) {
   using O = Ops<V>;
-  V P = O::exp(lP);
   V e = mul0(P, O::neg(lQ));
   return {e, e, O::neg(P)};
 }
 
+template <class V>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ce_element(V lP, V lQ) {
+  return ce_element(lP, lQ, Ops<V>::exp(lP));
+}
+
 // TVD: e = |P - Q| / 2.
 //   dP = P sign(P - Q) / 2,  dQ = -Q sign(P - Q) / 2      (sign(0) = 0: the subgradient 0)
-// Always finite.
+// Always finite. (tvd_element_pq: from P and Q themselves, no log needed.)
 template <class V>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> tvd_element(V lP, V lQ) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> tvd_element_pq(V P, V Q) {
   using O = Ops<V>;
-  V P = O::exp(lP), Q = O::exp(lQ);
   V diff = P - Q;
   V half_sign = O::select(O::gt(diff, V(0)), V(0.5), O::select(O::lt(diff, V(0)), V(-0.5), V(0)));
   return {O::abs(diff) * V(0.5), P * half_sign, O::neg(Q) * half_sign};
+}
+
+template <class V>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> tvd_element(V lP, V lQ) {
+  return tvd_element_pq(Ops<V>::exp(lP), Ops<V>::exp(lQ));
 }
 
 // AB(alpha, beta) with k = alpha + beta (Cichocki-Amari; ABKD, AMiD):
@@ -356,17 +369,21 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, F a, F b) {
   return {O::select(both, V(0), e), O::select(both, V(0), dP), O::select(both, V(0), dQ)};
 }
 
+// P, Q: the operands' probabilities where the caller has them (else nullptr: exp(lP), exp(lQ));
+// AB works from the logs alone.
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, F ab_a, F ab_b) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, F ab_a, F ab_b, const V* P = nullptr,
+                                                    const V* Q = nullptr) {
+  using O = Ops<V>;
   switch (div) {
     case KL:
-      return kl_element(lP, lQ);
+      return kl_element(lP, lQ, P ? *P : O::exp(lP));
     case CE:
-      return ce_element(lP, lQ);
+      return ce_element(lP, lQ, P ? *P : O::exp(lP));
     case AB:
       return ab_element(lP, lQ, ab_a, ab_b);
     default:
-      return tvd_element(lP, lQ);
+      return tvd_element_pq(P ? *P : O::exp(lP), Q ? *Q : O::exp(lQ));
   }
 }
 
@@ -608,10 +625,19 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at_alpha(const RowConsts<F>& c, V 
 }
 
 // The terms at one entry: adds each term's element to e_acc[i] (when WITH_LOSS) and returns the
-// entry's h^q and h^r. keep: the "exclude" policy's mask (all true under "exact").
+// entry's h^q and h^r. keep: the "exclude" policy's mask (all true under "exact"). probs: p and q
+// themselves where the caller has them (divergence_fwd_grad's kept exps), else nullptr.
 template <class V>
 struct H {
   V q, r;
+};
+
+template <class V>
+struct Probs {
+  V p, q;
+  KDPLUG_HOST_DEVICE KDPLUG_INLINE const V* of(int operand) const {
+    return operand == TEACHER ? &p : operand == STUDENT ? &q : nullptr;
+  }
 };
 
 // NT: the term count when the caller knows it at compile time (== c.n_terms), else 0. The CUDA
@@ -619,14 +645,16 @@ struct H {
 // registers (else its arrays, indexed by i, live in local memory).
 template <bool WITH_LOSS, int NT = 0, class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs<V>& L,
-                                               typename Ops<V>::Mask keep, V* e_acc) {
+                                               typename Ops<V>::Mask keep, V* e_acc,
+                                               const Probs<V>* probs = nullptr) {
   using O = Ops<V>;
   H<V> h{V(0), V(0)};
   const int n_terms = NT > 0 ? NT : c.n_terms;
   for (int i = 0; i < n_terms; ++i) {
     const F coef = c.coef[i];
     if (coef == F(0)) continue;  // mul0(coef, .) = 0: the term contributes nothing
-    Element<V> el = element(c.div[i], L.of(c.lhs[i]), L.of(c.rhs[i]), c.ab_a[i], c.ab_b[i]);
+    Element<V> el = element(c.div[i], L.of(c.lhs[i]), L.of(c.rhs[i]), c.ab_a[i], c.ab_b[i],
+                            probs ? probs->of(c.lhs[i]) : nullptr, probs ? probs->of(c.rhs[i]) : nullptr);
     if (c.exclude) {
       el.e = O::select(keep, el.e, V(0));
       el.dP = O::select(keep, el.dP, V(0));

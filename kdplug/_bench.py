@@ -261,7 +261,8 @@ def markdown(result) -> str:
              "(3·N·V·bytes for fwd+bwd, 2·N·V·bytes for fwd); `% floor` divides it by the probe; `mem` is "
              "the peak resident memory above the inputs in N×V tensors of the input dtype (including what "
              "the warm-up call left resident: code pages, allocator caches), `steady` the peak above the "
-             "resident size after the warm-up (a call's own temporaries). The last columns "
+             "resident size after the warm-up (a call's own temporaries; kdplug's CPU ops keep the last freed "
+             "gradient buffer mapped for the next call, so their N×V shows in `mem`, not in `steady`). The last columns "
              "are the speedups of kdplug's compiled core over the others in the same run.",
              ""]
     head = ["method", "dtype", "N", "V", "mode"]

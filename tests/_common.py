@@ -88,17 +88,16 @@ CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" 
 
 
 # Whether divergence_fwd_grad computes a recipe's gradient from the forward's own exps
-# (csrc/cpu/divergence_rows.h: the logit-space recipes, every operand a softmax of logits and KL /
-# CE terms; in float32 / bfloat16 also TVD(p||q) alone under the "exact" policy). That gradient
-# rounds a few ulp away from divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
-def kept_exps(name, params, dtype) -> bool:
+# (csrc/cpu/divergence_rows.h: every recipe without a mixture and without an AB term, and the
+# logit-space ones, a detached geometric mixture with KL / CE terms). That gradient rounds a few ulp
+# away from divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
+def kept_exps(name, params) -> bool:
     recipe = kdplug.get(name, **params).recipe
     assistant = recipe.assistant
     kinds = [term.divergence.name for term in recipe.terms]
-    if assistant is None and kinds == ["TVD"]:
-        return dtype in (torch.float32, torch.bfloat16)
-    return ((assistant is None or (assistant.alpha == 1.0 and assistant.detach))
-            and all(kind in ("KL", "CE") for kind in kinds))
+    if assistant is None:
+        return "AB" not in kinds
+    return assistant.alpha == 1.0 and assistant.detach and all(k in ("KL", "CE") for k in kinds)
 
 
 # dtype -> the relative tolerance between the two (of the loss, and of the gradient against its

@@ -18,8 +18,9 @@
 //   backward ONE pass: grad = scale (u - q U) / T, written once with non-temporal stores; rows
 //            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
 //   forward + gradient (divergence_fwd_grad, eager training): per row, the forward's passes then
-//            the gradient pass while the row is in cache (forward_backward_rows); the logit-space
-//            recipes find the maxima first and keep their exps (forward_grad_row_logit).
+//            the gradient pass while the row is in cache (forward_backward_rows); the recipes
+//            without a mixture or with a detached geometric one find the maxima first and keep
+//            their exps (forward_grad_row_logit, forward_grad_row_nomix).
 // The single-term recipes of the built-in methods also get instances with the term fixed at
 // compile time (dispatch_recipe); every other recipe runs the same loops with its terms read at
 // run time.
@@ -1023,27 +1024,30 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   return passes_b_c(std::false_type{});
 }
 
-// ---- forward and gradient of a TVD row: each exp once -------------------------------------------
-// divergence_fwd_grad for the single term TVD(p||q) (the tvd method) under the "exact" policy, the
-// same way:
+// ---- forward and gradient of a row without a mixture: each exp once ----------------------------
+// divergence_fwd_grad for the recipes with no assistant and no AB term that forward_grad_row_logit
+// does not take (TVD, a third party's mix of KL / CE / TVD terms), the same way:
 //   pass A  M_t, M_s (row_maxima)
-//   pass B  w_t = exp(t/T - M_t), w_s = exp(s/T - M_s) kept per entry, Z_t, Z_s
-//   pass C  from the kept w: P = w_t / Z_t, Q = w_s / Z_s and tvd_element's
-//             e = |P - Q| / 2,   u = dQ = -Q sign(P - Q) / 2
-//           summed into the loss and U = sum u
-//   pass D  grad = scale (coef u - Q U), u again from the kept w (no transcendental)
-// 2 exps per entry where the generic path makes 5 (its forward's log-sum-exps and elements, the
-// gradient's q); rounds a few ulp away from divergence_bwd, as forward_grad_row_logit. Every part
-// is 0 where s = -inf (Q = 0). Under "exclude" the generic path runs (its mask needs the logits).
-template <class scalar_t>
-void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
-                          compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
-                          std::atomic<int64_t>* bad_row, std::vector<compute_t<scalar_t>>& kept, bool prefetch_next) {
+//   pass B  w_t = exp(t/T - M_t), w_s = exp(s/T - M_s) kept per entry, Z_t, Z_s, the LSEs
+//   pass C  P = w_t / Z_t, Q = w_s / Z_s, lp = t/T - lse_t, lq = s/T - lse_s: the terms' elements
+//           with P and Q given (terms_at: KL, CE and TVD compute no exp),
+//           the loss sums and U = sum h^q; h^q kept per entry (over w_t, not read again), 0 where
+//           s = -inf (TVD: computed again in pass D instead, see below)
+//   pass D  grad = scale (h^q - Q U)
+// TVD: 2 exps per entry where divergence_fwd + _bwd make 5 (and under "exact" pass C reads no
+// logits: its element needs only P and Q). P = w / Z rounds differently from
+// exp(x - lse): the values agree with divergence_fwd / _bwd's to a few ulp, as forward_grad_row_logit.
+template <class scalar_t, int SIG>
+void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
+                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
+                            std::atomic<int64_t>* bad_row, std::vector<compute_t<scalar_t>>& kept,
+                            bool prefetch_next) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
   constexpr int W = Vec::size();
-  const Vec zero(F(0));
+  constexpr int NT = SIG == SIG_SYM ? 2 : SIG != 0 ? 1 : 0;  // terms_at's count (0: c.n_terms)
+  const Vec zero(F(0)), ninf(neg_inf<F>());
   F* st_out = stats + n * kStats;
   scalar_t* g_row = grad + n * a.V;
   if (!a.row_mask[n * a.mask_stride]) {
@@ -1052,10 +1056,11 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
   }
   RowConsts<F> c;
   init_row(a.desc, a.params, a.token_weights, n, &c);
+  pin_terms<SIG>(c);
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
   const int64_t Vp = padded<W>(a.V);
   if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
-  F* w_t = kept.data();
+  F* w_t = kept.data();  // then h^q
   F* w_s = kept.data() + Vp;
 
   F M[2];
@@ -1090,48 +1095,58 @@ void forward_grad_row_tvd(const Args<scalar_t>& a, int64_t n, const compute_t<sc
     return;
   }
 
-  // pass C: the elements and U (padding entries: P = Q = 0, adding nothing)
+  // pass C: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing)
   const Vec inv_Zt(static_cast<F>(1.0 / Z[TEACHER])), inv_Zs(static_cast<F>(1.0 / Z[STUDENT]));
-  const F coef = c.coef[0];
-  auto at = [&](int64_t k, Vec* e, Vec* Q) KDPLUG_LAMBDA_INLINE {  // u at entries [k, k + W)
-    const Vec P = Vec::loadu(w_t + k) * inv_Zt;
-    *Q = Vec::loadu(w_s + k) * inv_Zs;
-    const Vec diff = P - *Q;
-    const Vec half_sign = O::select(O::gt(diff, zero), Vec(F(0.5)), O::select(O::lt(diff, zero), Vec(F(-0.5)), zero));
-    *e = O::abs(diff) * Vec(F(0.5));
-    return Vec(coef) * (O::neg(*Q) * half_sign);
-  };
-  double e_tot = 0, U = 0;
-  if (coef != F(0)) {  // (a zero weight: loss and gradient exactly 0, as mul0 makes them)
-    Vec e_acc = zero, u_acc = zero;
-    packs = 0;
-    for (int64_t k = 0; k < a.V; k += W) {
-      Vec e, Q;
-      u_acc = u_acc + at(k, &e, &Q);
-      e_acc = e_acc + e;
-      if (++packs == 64) {
-        e_tot += hsum(e_acc);
-        U += hsum(u_acc);
-        e_acc = u_acc = zero;
-        packs = 0;
-      }
+  Vec e_acc[kMaxTerms], u_acc = zero;
+  for (int i = 0; i < kMaxTerms; ++i) e_acc[i] = zero;
+  double e_tot[kMaxTerms] = {}, U = 0;
+  packs = 0;
+  auto fold = [&]() KDPLUG_LAMBDA_INLINE {
+    for (int i = 0; i < c.n_terms; ++i) {
+      e_tot[i] += hsum(e_acc[i]);
+      e_acc[i] = zero;
     }
-    e_tot += hsum(e_acc);
     U += hsum(u_acc);
+    u_acc = zero;
+    packs = 0;
+  };
+  // TVD under "exact": its element reads neither log nor mask, and its h^q = coef Q (...) is 0
+  // where s = -inf (Q = 0); it is a few operations on P and Q, so pass D computes it again rather
+  // than pass C storing it (an extra store stream: 382 vs 346 ms at N = 2048, V = 128256 fp32, AVX2)
+  const bool tvd_exact = SIG == sig_of(TVD, TEACHER, STUDENT) && !c.exclude;
+  auto h_q_at = [&](auto with_loss, int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {  // (adds e to e_acc)
+    const Probs<Vec> pq{Vec::loadu(w_t + k) * inv_Zt, Vec::loadu(w_s + k) * inv_Zs};
+    return terms_at<decltype(with_loss)::value, NT>(c, logs_at<MIX_NONE>(c, xs, xt), keep_at(c, xs, xt), e_acc, &pq)
+        .q;
+  };
+  auto entry = [&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    const Vec h_q = h_q_at(std::true_type{}, k, xs, xt);
+    u_acc = u_acc + h_q;
+    if (!tvd_exact) O::select(O::eq(xs, ninf), zero, h_q).store(w_t + k);
+    if (++packs == 64) fold();
+  };
+  if (tvd_exact) {
+    for (int64_t k = 0; k < a.V; k += W) entry(k, zero, zero);
+  } else {
+    row.each(entry);
   }
-  store_row(loss + n, st_out, c, static_cast<double>(coef) * e_tot, 0.0, U);
+  fold();
+  double total = 0;
+  for (int i = 0; i < c.n_terms; ++i)
+    if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
+  store_row(loss + n, st_out, c, total, 0.0, U);
   const F scale = grad_scale[n] / c.T;
-  if (scale == F(0) || coef == F(0)) {
+  if (scale == F(0)) {  // no incoming gradient: exactly 0
     std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
     return;
   }
 
-  // pass D: the gradient
+  // pass D: the gradient (no transcendental)
   const Vec Uv(static_cast<F>(U)), sc(scale);
   const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
   for (int64_t k = 0; k < a.V; k += W) {
-    Vec e, Q;
-    const Vec u = at(k, &e, &Q);
+    const Vec Q = Vec::loadu(w_s + k) * inv_Zs;
+    const Vec u = tvd_exact ? h_q_at(std::false_type{}, k, zero, zero) : Vec::loadu(w_t + k);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
   }
 }
@@ -1216,18 +1231,33 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 //     forward_grad_row_logit (maxima, exps kept, gradient from the kept exps); the same values as
 //     divergence_fwd + divergence_bwd to a few ulp. A row with a large |lse| falls back to the
 //     2-pass forward and backward_rows' pass;
-//   * TVD(p||q) alone ("exact" policy, float / bfloat16): forward_grad_row_tvd, the same way;
-//   * the others: forward_rows keeps each entry's v = h^q + w h^r and w r (KEEP) in a per-thread
+//   * the other recipes without a mixture and without AB terms (tvd, third-party terms):
+//     forward_grad_row_nomix, the same way (maxima, exps kept, elements from them);
+//   * the rest (abkd, gjsd, skl, srkl, amid, distillm2): forward_rows keeps each entry's
+//     v = h^q + w h^r and w r (KEEP) in a per-thread
 //     scratch row (2 V floats), and the gradient pass is
 //         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
 //     (grad_at's u, grouped the same way), without the elements, the mixture or its weight again:
 //     the expensive half of the backward's math. These values and gradients are divergence_fwd's
 //     and divergence_bwd's, bit for bit.
+//
 // Whether forward_grad_row_logit can run the recipe (MIX, SIG): a logit-space mixture, and with
 // SIG != 0 terms that are all KL or CE (the other pinned terms never take it: not instantiated).
 template <int MIX, int SIG>
 constexpr bool kLogitSig = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) &&
                            (SIG == 0 || SIG == SIG_SYM || (SIG < SIG_JS && ((SIG - 1) % 4 == KL || (SIG - 1) % 4 == CE)));
+
+// AB terms keep forward_rows' per-entry v instead of forward_grad_row_nomix: their elements need
+// the logs, so pass C would read the logits a third time and store h^q besides (ABKD fwd+bwd 455
+// vs 405 ms A/B, N = 2048, V = 128256 fp32, Xeon AVX-512).
+template <int SIG>
+constexpr bool kPinnedAB = SIG != 0 && SIG < SIG_JS && (SIG - 1) % 4 == AB;
+
+inline bool has_ab(const RecipeDesc& d) {
+  for (int i = 0; i < d.n_terms; ++i)
+    if (d.div[i] == AB) return true;
+  return false;
+}
 
 template <class scalar_t, int MIX, int SIG>
 void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<scalar_t>* grad_scale,
@@ -1264,9 +1294,9 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
       }
     }
-    if constexpr (MIX == MIX_NONE && SIG == sig_of(TVD, TEACHER, STUDENT)) {
-      if (a.desc.policy != EXCLUDE) {
-        forward_grad_row_tvd<scalar_t>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+    if constexpr (MIX == MIX_NONE && !kPinnedAB<SIG>) {
+      if (!one_pass && !has_ab(a.desc)) {
+        forward_grad_row_nomix<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
         continue;
       }
     }
