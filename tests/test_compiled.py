@@ -531,7 +531,7 @@ def test_fwd_grad_op_is_fwd_then_bwd(name, params, dtype):
     """divergence_fwd_grad = divergence_fwd + divergence_bwd(grad_loss=grad_scale) (-inf patterns
     and a masked row included): bit for bit for the recipes whose forward keeps u's parts; to a
     few ulp where the gradient comes from the forward's own exps (P = w / Z instead of
-    exp(x - lse): the logit-space recipes, and TVD in float32 / bfloat16)."""
+    exp(x - lse): see _common.kept_exps)."""
     _, structure, consts, p = packed(name, **params)
     s, t = inf_patterns(dtype)
     mask = torch.tensor([True, True, False, True, True])

@@ -1258,8 +1258,8 @@ constexpr bool kLogitSig = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) &&
                            (SIG == 0 || SIG == SIG_SYM || (SIG < SIG_JS && ((SIG - 1) % 4 == KL || (SIG - 1) % 4 == CE)));
 
 // AB terms keep forward_rows' per-entry v instead of forward_grad_row_nomix: their elements need
-// the logs, so pass C would read the logits a third time and store h^q besides (ABKD fwd+bwd 455
-// vs 405 ms A/B, N = 2048, V = 128256 fp32, Xeon AVX-512).
+// the logs (pass C reads the logits a third time) and cost 5 transcendentals, so the exp saved is
+// lost (ABKD divergence_fwd_grad, N = 2048, V = 128256 fp32, Xeon: 390 vs 348 ms A/B).
 template <int SIG>
 constexpr bool kPinnedAB = SIG != 0 && SIG < SIG_JS && (SIG - 1) % 4 == AB;
 
