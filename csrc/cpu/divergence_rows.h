@@ -10,6 +10,9 @@
 //   forward, logit-space recipes (every operand p, q or a detached geometric r; KL / CE terms:
 //            fkl, rkl, symmetric_kl, akl, taid): ONE pass, the loss streamed with the online
 //            log-sum-exps (forward_rows_fused)
+//   forward, the other recipes without a mixture or AB term (tvd, third-party KL / CE / TVD
+//            mixes): maxima, then each exp once, kept, then the elements from them
+//            (forward_grad_row_nomix without its gradient pass)
 //   forward, any other recipe (forward_rows):
 //            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
 //            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z),
@@ -1035,8 +1038,9 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
 }
 
 // ---- forward and gradient of a row without a mixture: each exp once ----------------------------
-// divergence_fwd_grad for the recipes with no assistant and no AB term that forward_grad_row_logit
-// does not take (TVD, a third party's mix of KL / CE / TVD terms), the same way:
+// divergence_fwd_grad (and, with grad == nullptr, divergence_fwd without pass D) for the recipes
+// with no assistant and no AB term that forward_grad_row_logit does not take (TVD, a third party's
+// mix of KL / CE / TVD terms), the same way:
 //   pass A  M_t, M_s (row_maxima)
 //   pass B  w_t = exp(t/T - M_t), w_s = exp(s/T - M_s) kept per entry, Z_t, Z_s, the LSEs
 //   pass C  P = w_t / Z_t, Q = w_s / Z_s, lp = t/T - lse_t, lq = s/T - lse_s: the terms' elements
@@ -1059,7 +1063,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   constexpr int NT = SIG == SIG_SYM ? 2 : SIG != 0 ? 1 : 0;  // terms_at's count (0: c.n_terms)
   const Vec zero(F(0)), ninf(neg_inf<F>());
   F* st_out = stats + n * kStats;
-  scalar_t* g_row = grad + n * a.V;
+  scalar_t* g_row = grad == nullptr ? nullptr : grad + n * a.V;  // nullptr: the forward alone
   if (!a.row_mask[n * a.mask_stride]) {
     no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/false);
     return;
@@ -1070,7 +1074,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
   const int64_t Vp = padded<W>(a.V);
   if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
-  F* w_t = kept.data();  // then h^q
+  F* w_t = kept.data();  // then h^q (with a gradient to compute)
   F* w_s = kept.data() + Vp;
 
   F M[2];
@@ -1132,7 +1136,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   auto entry = [&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     const Vec h_q = h_q_at(std::true_type{}, k, xs, xt);
     u_acc = u_acc + h_q;
-    if (!tvd_exact) O::select(O::eq(xs, ninf), zero, h_q).store(w_t + k);
+    if (!tvd_exact && g_row != nullptr) O::select(O::eq(xs, ninf), zero, h_q).store(w_t + k);
     if (++packs == 64) fold();
   };
   if (tvd_exact) {
@@ -1145,6 +1149,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   for (int i = 0; i < c.n_terms; ++i)
     if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
   store_row(loss + n, st_out, c, total, 0.0, U);
+  if (g_row == nullptr) return;
   const F scale = grad_scale[n] / c.T;
   if (scale == F(0)) {  // no incoming gradient: exactly 0
     std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
@@ -1456,8 +1461,20 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
     return;
   }
   dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
+    constexpr int MIX = decltype(mix)::value, SIG = decltype(sig)::value;
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, loss, stats, begin, end, bad_row);
+      // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes): maxima first, each exp
+      // once (forward_grad_row_nomix without its gradient pass; TVD 4 -> 2 exps an entry)
+      if constexpr (MIX == MIX_NONE && !kPinnedAB<SIG>) {
+        if (!has_ab(d)) {
+          std::vector<compute_t<scalar_t>> kept;
+          for (int64_t n = begin; n < end; ++n)
+            forward_grad_row_nomix<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr),
+                                                  bad_row, kept, n + 1 < end);
+          return;
+        }
+      }
+      forward_rows<scalar_t, MIX, SIG>(a, loss, stats, begin, end, bad_row);
     });
   });
 }
