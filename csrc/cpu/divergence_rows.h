@@ -567,7 +567,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
 //   lhs = q (KL):  sum of the finite dP = Q (lq - lB + 1):   the finite loss + sum_ok Q
 //   rhs = q:       sum of dQ = -P_A over kept entries (mismatches included: dQ is finite there)
 // Same values as the 2-pass path up to rounding (tests compare both to the PyTorch path).
-// KDPLUG_NO_FUSED=1 sends every recipe through the 2-pass forward (the tests compare the two).
+// KDPLUG_NO_FUSED=1 sends every recipe through the multi-pass forwards (forward_grad_row_nomix
+// without a mixture, forward_rows with one; the tests compare them with this one).
 inline bool fused_eligible(const RecipeDesc& d) {
   if (!(d.mix == MIX_NONE || (d.mix == MIX_GEOMETRIC && d.detach))) return false;
   if (d.n_terms > 2) return false;
@@ -1262,11 +1263,13 @@ template <int MIX, int SIG>
 constexpr bool kLogitSig = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) &&
                            (SIG == 0 || SIG == SIG_SYM || (SIG < SIG_JS && ((SIG - 1) % 4 == KL || (SIG - 1) % 4 == CE)));
 
-// AB terms keep forward_rows' per-entry v instead of forward_grad_row_nomix: their elements need
-// the logs (pass C reads the logits a third time) and cost 5 transcendentals, so the exp saved is
-// lost (ABKD divergence_fwd_grad, N = 2048, V = 128256 fp32, Xeon: 390 vs 348 ms A/B).
-template <int SIG>
-constexpr bool kPinnedAB = SIG != 0 && SIG < SIG_JS && (SIG - 1) % 4 == AB;
+// Whether forward_grad_row_nomix can run the recipe (MIX, SIG): no mixture and no AB term (a
+// pinned SIG says which term; SIG = 0 asks has_ab at run time). AB terms keep forward_rows'
+// per-entry v: their elements need the logs (pass C would read the logits a third time) and cost
+// 5 transcendentals, so the exp saved is lost (ABKD divergence_fwd_grad, N = 2048, V = 128256
+// fp32, Xeon: 390 vs 348 ms A/B).
+template <int MIX, int SIG>
+constexpr bool kNomixSig = MIX == MIX_NONE && !(SIG != 0 && SIG < SIG_JS && (SIG - 1) % 4 == AB);
 
 inline bool has_ab(const RecipeDesc& d) {
   for (int i = 0; i < d.n_terms; ++i)
@@ -1309,7 +1312,7 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
       }
     }
-    if constexpr (MIX == MIX_NONE && !kPinnedAB<SIG>) {
+    if constexpr (kNomixSig<MIX, SIG>) {
       if (!one_pass && !has_ab(a.desc)) {
         forward_grad_row_nomix<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
         continue;
@@ -1465,7 +1468,7 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes): maxima first, each exp
       // once (forward_grad_row_nomix without its gradient pass; TVD 4 -> 2 exps an entry)
-      if constexpr (MIX == MIX_NONE && !kPinnedAB<SIG>) {
+      if constexpr (kNomixSig<MIX, SIG>) {
         if (!has_ab(d)) {
           std::vector<compute_t<scalar_t>> kept;
           for (int64_t n = begin; n < end; ++n)
