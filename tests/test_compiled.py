@@ -495,6 +495,11 @@ def test_third_party_recipe_runs_compiled(third_party):
     for inf_policy in ("exact", "exclude"):
         assert_match("tvd_mix_test", {"w": 0.6}, s, t, inf_policy=inf_policy)
     assert_match("tvd_mix_test", {}, *make_logits((3, 41), torch.bfloat16))
+    with torch.no_grad():  # evaluation only: divergence_fwd's own passes
+        for inf_policy in ("exact", "exclude"):
+            got, want = (kdplug.get("tvd_mix_test", backend=b, inf_policy=inf_policy, reduction="none")(s, t)
+                         for b in ("compiled", "torch"))
+            torch.testing.assert_close(got, want, rtol=TOL[torch.float32][0], atol=TOL[torch.float32][1])
 
 
 # ---- torch.compile --------------------------------------------------------------------------------
