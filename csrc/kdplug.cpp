@@ -26,6 +26,10 @@
 //     One vocabulary shard's partial row statistics (the vocabulary-parallel forward, see
 //     kdplug/_vocab_parallel.py): stage 0 the shard's LSEs, stage 1 its log Z, stage 2 its loss
 //     and gradient sums, each stage given the combined results of the ones before.
+//   head_tail_weights(student_logits [N, V], teacher_logits [N, V], row_mask [N], temperature, mu,
+//                     descending) -> float64 [N, 2]
+//     AKL's per-token (w_head, w_tail) term weights (kdplug/_head_tail.py has the rule), the
+//     token_weights the divergence ops take for it. CPU only.
 //
 // Logits: float32 / float64 / bfloat16 / float16 (both the same dtype), any row stride, last
 // dimension contiguous; math in float32 (float64 for float64). loss, row_stats and grad_loss are
@@ -72,6 +76,10 @@ TORCH_LIBRARY(kdplug, m) {
   m.def(
       "divergence_partials(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
       "Tensor row_mask, Tensor? given, int stage, int[] structure, float[] consts) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "head_tail_weights(Tensor student_logits, Tensor teacher_logits, Tensor row_mask, float temperature, "
+      "float mu, bool descending) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -43,6 +43,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KDPLUG_HOST_DEVICE __host__ __device__
@@ -800,6 +801,64 @@ inline void backward_row(const RecipeDesc& d, const double* params, const TW* to
     const H<F> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<F*>(nullptr));
     grad[k] = static_cast<Out>(grad_at(c, L, h, stats[STAT_H_R], stats[STAT_U], scale));
   }
+}
+
+
+// ---- AKL's head / tail weights (kdplug::head_tail_weights) ---------------------------------------
+// A token's vocabulary splits into a "head" and a "tail" (the rule: kdplug/_head_tail.py; the CPU
+// row loop: csrc/cpu/head_tail_rows.cpp), and with the gaps g_head = sum_{k in head} |p_k - q_k|,
+// g_tail = the same over the tail, the two terms of the recipe are weighted per token by
+//   w_head = g_head / (g_head + g_tail),  w_tail = g_tail / (g_head + g_tail)
+// and by 1/2 each when p == q (no gap anywhere: the 0 / 0 of the formula).
+KDPLUG_HOST_DEVICE KDPLUG_INLINE void head_tail_split(double g_head, double g_tail, double* w) {
+  const double total = g_head + g_tail;
+  w[0] = total > 0 ? g_head / total : 0.5;
+  w[1] = total > 0 ? g_tail / total : 0.5;
+}
+
+// |P - Q| from the log-probabilities: e^hi (1 - e^(lo - hi)), hi = max(lP, lQ), lo = min. The
+// -expm1 keeps the gap's relative precision where P and Q are both near 1 (a peaked row's top
+// entry: P - Q rounds to 0 in float while the tail's gaps, which sum to about the same, do not,
+// and the weights would come out (0, 1)). e^hi is P or Q, passed in. 0 where both are 0 (there
+// lo - hi is NaN).
+template <class V>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE V abs_gap(V lP, V lQ, V P, V Q) {
+  using O = Ops<V>;
+  const auto p_hi = O::ge(lP, lQ);
+  const V hi = O::select(p_hi, lP, lQ), lo = O::select(p_hi, lQ, lP);
+  return mul0(O::select(p_hi, P, Q), O::neg(O::expm1(lo - hi)));
+}
+
+// An order-preserving map of floats to unsigned integers (non-NaN x < y iff key(x) < key(y), and
+// the floats between two keys are the integers between them): the sign bit set on positives, all
+// bits flipped on negatives. -0.0 maps just below +0.0 (the only pair the map splits that
+// compares equal as floats). The head search bisects on these integers.
+template <class F>
+struct SortableBits;
+template <>
+struct SortableBits<float> {
+  using U = uint32_t;
+  static constexpr U kSign = 0x80000000u;
+};
+template <>
+struct SortableBits<double> {
+  using U = uint64_t;
+  static constexpr U kSign = 0x8000000000000000ull;
+};
+template <class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE typename SortableBits<F>::U sortable_key(F x) {
+  using U = typename SortableBits<F>::U;
+  U b;
+  memcpy(&b, &x, sizeof(F));
+  return (b & SortableBits<F>::kSign) ? ~b : (b | SortableBits<F>::kSign);
+}
+template <class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE F sortable_value(typename SortableBits<F>::U key) {
+  using U = typename SortableBits<F>::U;
+  const U b = (key & SortableBits<F>::kSign) ? (key & ~SortableBits<F>::kSign) : ~key;
+  F x;
+  memcpy(&x, &b, sizeof(F));
+  return x;
 }
 
 }  // namespace math

@@ -9,13 +9,14 @@ from ._registry import list_methods, list_plugins
 from ._topk import TopK
 from .hookspecs import hookimpl
 from .loss import KDLoss, get
-from .spec import Assistant, Divergence, Method, Operand, Recipe, Schedule, Split, Term
+from .spec import Assistant, Divergence, HeadTailWeights, Method, Operand, Recipe, Schedule, Split, Term
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Assistant",
     "Divergence",
+    "HeadTailWeights",
     "KDLoss",
     "Method",
     "Operand",

@@ -19,6 +19,9 @@ and, always:
   (``divergence_bwd_into``);
 - :func:`student_grad`: the backward every compiled-core autograd path shares.
 
+- :func:`head_tail_weights`: AKL's token weights (:class:`kdplug.HeadTailWeights`) from the
+  ``head_tail_weights`` op, on the devices it has a kernel for (:func:`has_head_tail_kernel`).
+
 ``divergence_partials`` (the vocabulary-parallel forward's per-shard statistics) is called by
 ``kdplug._vocab_parallel``.
 """
@@ -30,7 +33,8 @@ import torch
 
 from . import _extension
 
-__all__ = ["N_STATS", "grad_in_forward", "recipe_loss", "split_recipe_loss", "student_grad", "why_cannot_run"]
+__all__ = ["N_STATS", "grad_in_forward", "has_head_tail_kernel", "head_tail_weights", "recipe_loss",
+           "split_recipe_loss", "student_grad", "why_cannot_run"]
 
 N_STATS = 5  # row_stats columns (csrc/kdplug_math.h, enum Stat)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -63,6 +67,21 @@ def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> st
     if student_rows.shape[-1] > 1 and (student_rows.stride(-1) != 1 or teacher_rows.stride(-1) != 1):
         return "the logits' last dimension is not contiguous (stride != 1)"
     return None
+
+
+def has_head_tail_kernel(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> bool:
+    """Whether the ``head_tail_weights`` op takes these ``[N, V]`` logits (it has a CPU kernel only)."""
+    return (HAS_OPS and student_rows.device.type == "cpu" and teacher_rows.device.type == "cpu"
+            and student_rows.dtype in DTYPES and teacher_rows.dtype == student_rows.dtype
+            and (student_rows.shape[-1] <= 1 or (student_rows.stride(-1) == 1 and teacher_rows.stride(-1) == 1)))
+
+
+def head_tail_weights(student_rows: torch.Tensor, teacher_rows: torch.Tensor, row_mask: torch.Tensor,
+                      temperature: float, spec) -> torch.Tensor:
+    """``[N, 2]`` float64 (w_head, w_tail) of ``spec`` (a :class:`kdplug.HeadTailWeights`) for
+    logit rows ``[N, V]`` of one dtype at ``temperature``; (1/2, 1/2) on masked rows."""
+    return torch.ops.kdplug.head_tail_weights(student_rows.detach(), teacher_rows.detach(), row_mask,
+                                              float(temperature), spec.mu, spec.order == "descending")
 
 
 def grad_in_forward(student_rows: torch.Tensor) -> bool:
@@ -210,6 +229,16 @@ if HAS_OPS:
         torch._check(stage in (0, 1, 2), lambda: "kdplug: stage must be 0, 1 or 2")
         width = (3, 1, 5)[stage]
         return student_logits.new_empty((student_logits.shape[0], width), dtype=torch.float64)
+
+
+    @torch.library.register_fake("kdplug::head_tail_weights")
+    def _head_tail_weights_fake(student_logits, teacher_logits, row_mask, temperature, mu, descending):
+        torch._check(student_logits.dim() == 2, lambda: "kdplug: student_logits must be [N, V]")
+        torch._check(teacher_logits.shape == student_logits.shape,
+                     lambda: "kdplug: student_logits and teacher_logits must have the same shape")
+        torch._check(row_mask.dim() == 1 and row_mask.shape[0] == student_logits.shape[0],
+                     lambda: "kdplug: row_mask must be [N]")
+        return student_logits.new_empty((student_logits.shape[0], 2), dtype=torch.float64)
 
 
 class _InplaceRecipeLoss(torch.autograd.Function):

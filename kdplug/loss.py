@@ -13,7 +13,7 @@ from . import _extension, _ops, _topk, _torch_impl
 from ._topk import TopK
 from ._pack import params_tensor, structure_and_consts
 from ._registry import REGISTRY
-from .spec import Method, Recipe, Schedule, Split
+from .spec import HeadTailWeights, Method, Recipe, Schedule, Split
 
 REDUCTIONS = ("mean", "sum", "none", "batchmean", "sequence")
 # Rows per call of a Recipe's token_weights: 2 MiB of fp32 log-probs, so that the weights' passes
@@ -434,8 +434,12 @@ class KDLoss(nn.Module):
         return torch.log_softmax(x / temperature, dim=-1)
 
     def _token_weights(self, recipe, student_rows, teacher_rows, row_mask, temperature, group):
-        """The recipe's per-token term weights, computed on blocks of rows (``_WEIGHT_BLOCK_BYTES``
-        of fp32 log-probabilities each), so that no N x V temporary exists."""
+        """The recipe's per-token term weights: from the compiled core for HeadTailWeights where it
+        has a kernel, else computed on blocks of rows (``_WEIGHT_BLOCK_BYTES`` of fp32
+        log-probabilities each), so that no N x V temporary exists."""
+        if (isinstance(recipe.token_weights, HeadTailWeights) and self.backend != "torch" and group is None
+                and _ops.has_head_tail_kernel(student_rows, teacher_rows)):
+            return _ops.head_tail_weights(student_rows, teacher_rows, row_mask, temperature, recipe.token_weights)
         n, n_terms = student_rows.shape[0], len(recipe.terms)
         width = student_rows.shape[-1]
         if group is not None:

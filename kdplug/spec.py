@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "Assistant",
     "Divergence",
+    "HeadTailWeights",
     "Method",
     "Operand",
     "Recipe",
@@ -154,6 +155,40 @@ TokenWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadTailWeights:
+    """Token weights as data: AKL's (w_head, w_tail) for a recipe's two terms, which the compiled
+    core computes itself on the CPU (``csrc/cpu/head_tail_rows.cpp``); called, it is the PyTorch
+    version (``kdplug._head_tail``, which has the rule).
+
+    The head splits each token's vocabulary by the teacher's probabilities p; with the gaps
+    ``g = sum |p - q|`` over the head and over the tail, ``w = (g_head, g_tail) / (g_head + g_tail)``
+    (1/2 each when p == q).
+
+    Args:
+        mu: the head's probability budget, in (0, 1).
+        order: ``"descending"`` (AKL: the head is the most probable entries whose cumulative
+            probability stays <= mu, at least one) or ``"ascending"`` (KDFlow: the tail is the
+            least probable entries whose cumulative probability stays <= mu).
+    """
+
+    mu: float = 0.5
+    order: str = "descending"
+
+    def __post_init__(self):
+        mu = _check_number("HeadTailWeights", "mu", self.mu)
+        if not isinstance(mu, float) or not 0.0 < mu < 1.0:
+            raise ValueError(f"HeadTailWeights.mu: expected a float in (0, 1), got {self.mu!r}")
+        object.__setattr__(self, "mu", mu)
+        if self.order not in ("descending", "ascending"):
+            raise ValueError(f"HeadTailWeights.order: expected 'descending' or 'ascending', got {self.order!r}")
+
+    def __call__(self, log_p_teacher: torch.Tensor, log_q_student: torch.Tensor) -> torch.Tensor:
+        from ._head_tail import head_tail_weights
+
+        return head_tail_weights(log_p_teacher, log_q_student, mu=self.mu, order=self.order)
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """A method as data: what the compiled core and the PyTorch path evaluate.
 
@@ -164,7 +199,8 @@ class Recipe:
             computed in PyTorch on detached log-probabilities ``[n, V]`` (already divided by the
             temperature); multiplies each term's weight per token (AKL's head/tail split). It is
             called on blocks of rows (n <= N, a few MiB each), so a token's weights must depend on
-            its own row only.
+            its own row only. :class:`HeadTailWeights` (for two terms) is such a function that the
+            compiled core also evaluates in C++.
     """
 
     terms: tuple[Term, ...]
@@ -179,6 +215,8 @@ class Recipe:
         uses_assistant = any(Operand.ASSISTANT in (t.lhs, t.rhs) for t in terms)
         if uses_assistant and self.assistant is None:
             raise ValueError("Recipe: a term uses Operand.ASSISTANT but no assistant is given")
+        if isinstance(self.token_weights, HeadTailWeights) and len(terms) != 2:
+            raise ValueError(f"Recipe: HeadTailWeights weights two terms (head, tail), the recipe has {len(terms)}")
         if self.assistant is not None and not isinstance(self.assistant, Assistant):
             raise TypeError("Recipe.assistant: expected a kdplug.Assistant")
         for term in terms:

@@ -57,13 +57,29 @@ template <class scalar_t>
 void partials_cpu(const Args<scalar_t>& a, int stage, const double* given, double* out);
 constexpr int partials_width(int stage) { return stage == 0 ? 3 : stage == 1 ? 1 : 5; }
 
+// AKL's head / tail weights (csrc/cpu/head_tail_rows.cpp): weights [N, 2] float64, (0.5, 0.5)
+// on masked rows and on rows divergence_fwd rejects.
+template <class scalar_t>
+struct HeadTailArgs {
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t s_stride, t_stride, N, V;
+  const bool* row_mask;
+  int64_t mask_stride;
+  double inv_T, mu;
+  bool descending;
+};
+template <class scalar_t>
+void head_tail_cpu(const HeadTailArgs<scalar_t>& a, double* weights);
+
 #define KDPLUG_CPU_DTYPES(X) X(float) X(double) X(c10::BFloat16) X(c10::Half)
 #define KDPLUG_DECLARE_EXTERN(T)                                                                      \
   extern template void forward_cpu<T>(const Args<T>&, compute_t<T>*, compute_t<T>*, std::atomic<int64_t>*); \
   extern template void backward_cpu<T>(const Args<T>&, const compute_t<T>*, const compute_t<T>*, T*, int64_t, bool); \
   extern template void partials_cpu<T>(const Args<T>&, int, const double*, double*);                 \
   extern template void forward_backward_cpu<T>(const Args<T>&, const compute_t<T>*, compute_t<T>*, compute_t<T>*, T*, \
-                                               std::atomic<int64_t>*);
+                                               std::atomic<int64_t>*); \
+  extern template void head_tail_cpu<T>(const HeadTailArgs<T>&, double*);
 KDPLUG_CPU_DTYPES(KDPLUG_DECLARE_EXTERN)
 #undef KDPLUG_DECLARE_EXTERN
 

@@ -37,10 +37,8 @@ RecipeDesc decode(at::IntArrayRef structure, at::ArrayRef<double> consts) {
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Checks shared by both ops; returns the row count N and vocabulary size V.
-std::pair<int64_t, int64_t> check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& params,
-                                         const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
-                                         const RecipeDesc& d) {
+// The logits' checks (every op); returns the row count N and vocabulary size V.
+std::pair<int64_t, int64_t> check_logits(const at::Tensor& s, const at::Tensor& t) {
   TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "kdplug: student_logits and teacher_logits must be [N, V], got ",
               s.sizes(), " and ", t.sizes());
   TORCH_CHECK(s.sizes() == t.sizes(), "kdplug: student_logits ", s.sizes(), " and teacher_logits ", t.sizes(),
@@ -55,16 +53,30 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& s, const at::Tensor& 
   TORCH_CHECK(V <= 1 || (s.stride(1) == 1 && t.stride(1) == 1),
               "kdplug: the logits' last dimension must be contiguous (stride 1); got strides ", s.strides(), " and ",
               t.strides());
+  TORCH_CHECK(s.device().is_cpu() && t.device().is_cpu(), "kdplug: student_logits and teacher_logits must be on "
+              "the same device (the CPU here)");
+  return {N, V};
+}
+
+void check_row_mask(const at::Tensor& row_mask, int64_t N) {
+  TORCH_CHECK(row_mask.device().is_cpu(), "kdplug: with CPU logits, row_mask must be on the CPU too");
+  TORCH_CHECK(row_mask.scalar_type() == at::kBool && row_mask.dim() == 1 && row_mask.size(0) == N,
+              "kdplug: row_mask must be a bool vector [N] = [", N, "], got ", row_mask.scalar_type(), " ",
+              row_mask.sizes());
+}
+
+// Checks of the divergence ops' arguments; returns N and V.
+std::pair<int64_t, int64_t> check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& params,
+                                         const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
+                                         const RecipeDesc& d) {
+  const auto [N, V] = check_logits(s, t);
   TORCH_CHECK(params.scalar_type() == at::kDouble && params.dim() == 1 && params.is_contiguous() &&
                   params.size(0) == 2 + d.n_terms,
               "kdplug: params must be a contiguous float64 vector [T, lam, weight * n_terms] of length ",
               2 + d.n_terms, ", got ", params.scalar_type(), " ", params.sizes());
-  TORCH_CHECK(s.device().is_cpu() && t.device().is_cpu() && params.device().is_cpu() && row_mask.device().is_cpu() &&
-                  (!token_weights.has_value() || token_weights->device().is_cpu()),
-              "kdplug: with CPU logits, teacher_logits, params, row_mask and token_weights must be on the CPU too");
-  TORCH_CHECK(row_mask.scalar_type() == at::kBool && row_mask.dim() == 1 && row_mask.size(0) == N,
-              "kdplug: row_mask must be a bool vector [N] = [", N, "], got ", row_mask.scalar_type(), " ",
-              row_mask.sizes());
+  TORCH_CHECK(params.device().is_cpu() && (!token_weights.has_value() || token_weights->device().is_cpu()),
+              "kdplug: with CPU logits, params and token_weights must be on the CPU too");
+  check_row_mask(row_mask, N);
   if (token_weights.has_value()) {
     const auto& w = *token_weights;
     TORCH_CHECK(w.scalar_type() == at::kDouble && w.dim() == 2 && w.size(0) == N && w.size(1) == d.n_terms &&
@@ -343,6 +355,34 @@ at::Tensor divergence_partials_cpu(const at::Tensor& student_logits, const at::T
   return out;
 }
 
+// AKL's per-token (w_head, w_tail) as float64 [N, 2] (see csrc/cpu/head_tail_rows.cpp).
+at::Tensor head_tail_weights_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                 const at::Tensor& row_mask, double temperature, double mu, bool descending) {
+  const auto [N, V] = check_logits(student_logits, teacher_logits);
+  check_row_mask(row_mask, N);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "kdplug: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(mu > 0 && mu < 1, "kdplug: mu must be in (0, 1), got ", mu);
+  at::Tensor weights = at::empty({N, 2}, student_logits.options().dtype(at::kDouble));
+  if (N == 0) return weights;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_head_tail", [&] {
+    HeadTailArgs<scalar_t> a;
+    a.s = student_logits.data_ptr<scalar_t>();
+    a.t = teacher_logits.data_ptr<scalar_t>();
+    a.s_stride = student_logits.stride(0);
+    a.t_stride = teacher_logits.stride(0);
+    a.N = N;
+    a.V = V;
+    a.row_mask = row_mask.data_ptr<bool>();
+    a.mask_stride = row_mask.stride(0);
+    a.inv_T = 1.0 / temperature;
+    a.mu = mu;
+    a.descending = descending;
+    head_tail_cpu<scalar_t>(a, weights.data_ptr<double>());
+  });
+  return weights;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace kdplug
@@ -354,4 +394,5 @@ TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
   m.impl("divergence_bwd_inplace", &kdplug::cpu::divergence_bwd_inplace_cpu);
   m.impl("divergence_bwd_into", &kdplug::cpu::divergence_bwd_into_cpu);
   m.impl("divergence_partials", &kdplug::cpu::divergence_partials_cpu);
+  m.impl("head_tail_weights", &kdplug::cpu::head_tail_weights_cpu);
 }

@@ -236,14 +236,15 @@ struct VecLse {
     }
   }
 
-  F value() const {
+  OnlineLse<F> merged() const {
     alignas(64) F ms[Vec::size()], zs[Vec::size()];
     m.store(ms);
     (zt + z).store(zs);
     OnlineLse<F> acc;
     for (int i = 0; i < Vec::size(); ++i) acc.merge(ms[i], zs[i]);
-    return acc.value();
+    return acc;
   }
+  F value() const { return merged().value(); }
 };
 
 template <class F>
