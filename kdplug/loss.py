@@ -456,6 +456,10 @@ class KDLoss(nn.Module):
                     # NB: token weights are functions of whole rows (AKL's head): each block's
                     # shards are gathered (every rank walks the same blocks).
                     s, t = gather_columns(s, group, sizes), gather_columns(t, group, sizes)
+                if isinstance(recipe.token_weights, HeadTailWeights):
+                    # float64 log-probabilities, as precise as the compiled op's (a peaked row's
+                    # top gap, p |expm1(lq - lp)|, needs lq - lp to more digits than float32 has)
+                    s, t = s.double(), t.double()
                 weights = recipe.token_weights(self._log_probs(t, row_mask[rows], temperature, False),
                                                self._log_probs(s, row_mask[rows], temperature, False))
                 if weights.shape != (s.shape[0], n_terms):

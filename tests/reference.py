@@ -240,10 +240,14 @@ def m_abkd(R, flags, alpha, beta, limit_scale):
 def akl_weights(lp, lq, mu, variant):
     """(w_head, w_tail) per row, float64 numpy, from the notes' §8 (stable sorts, all entries)."""
     p = lp.detach().exp().cpu().numpy()
-    q = lq.detach().exp().cpu().numpy()
+    hi = torch.maximum(lp, lq).detach().cpu().numpy()
+    lo = torch.minimum(lp, lq).detach().cpu().numpy()
+    # |p - q| = e^hi (1 - e^(lo - hi)): no cancellation where both are near 1 (0 where both are 0)
+    with np.errstate(invalid="ignore"):
+        gaps = np.where(hi == -np.inf, 0.0, np.exp(hi) * -np.expm1(lo - hi))
     out = np.zeros((p.shape[0], 2))
     for n in range(p.shape[0]):
-        gap = np.abs(p[n] - q[n])
+        gap = gaps[n]
         V = p.shape[1]
         head = np.zeros(V, dtype=bool)
         if variant == "official":
@@ -272,13 +276,8 @@ def akl_weights(lp, lq, mu, variant):
     return torch.from_numpy(out)
 
 
-def m_akl(R, flags, mu, variant, weights_dtype=torch.float64):
-    if weights_dtype == torch.float64:
-        lp, lq = R.lp, R.lq
-    else:  # the weights from log-probabilities computed at the library's working precision
-        lp = torch.log_softmax(R.t.detach().to(weights_dtype) / R.T, -1).double()
-        lq = torch.log_softmax(R.s.detach().to(weights_dtype) / R.T, -1).double()
-    w = akl_weights(lp, lq, mu, variant).to(R.s.dtype)
+def m_akl(R, flags, mu, variant):
+    w = akl_weights(R.lp, R.lq, mu, variant).to(R.s.dtype)
     return w[:, 0] * kl_sum(R.lp, R.lq, R.keep) + w[:, 1] * kl_sum(R.lq, R.lp, R.keep)
 
 
@@ -375,23 +374,17 @@ def per_token(name, s, t, *, temperature=1.0, inf_policy="exact", mask=None, stu
 
     ``s`` (student logits, may require grad) and ``t`` (teacher) are [..., V]; they are cast to
     float64. ``taid`` accepts ``taid_t=`` to fix the interpolation weight (default: ``t_start``).
-    ``akl`` accepts ``akl_weights_dtype=torch.float32``: its head/tail weights (a detached,
-    ill-conditioned ratio of small gaps, e.g. when p and q agree to 1e-7 on the top entry) are
-    then computed from float32 log-probabilities, as a float32 computation sees them.
     """
     if name not in REFERENCE:
         raise KeyError(f"no reference implementation for method {name!r}")
     full = dict(DEFAULTS[name])
     taid_t = params.pop("taid_t", None)
-    akl_dtype = params.pop("akl_weights_dtype", torch.float64)
     unknown = set(params) - set(full)
     if unknown:
         raise TypeError(f"reference {name}: unknown params {sorted(unknown)}")
     full.update(params)
     if name == "taid":
         full["t"] = taid_t
-    if name == "akl":
-        full["weights_dtype"] = akl_dtype
     s = s.to(torch.float64)
     t = t.to(torch.float64)
     lead = tuple(s.shape[:-1])

@@ -113,8 +113,6 @@ def check_method(name, params, s, t, *, T=1.0, policy="exact", mask=None, dtype=
     s64 = s_in.detach().double().requires_grad_(True)
     t64 = t_in.detach().double()
     rparams = dict(params)
-    if name == "akl" and dtype != torch.float64:
-        rparams["akl_weights_dtype"] = torch.float32
     r = ref.per_token(name, s64, t64, temperature=T, inf_policy=policy, mask=mask,
                       student_generated=flags, **rparams)
     if r.requires_grad:

@@ -236,15 +236,14 @@ struct VecLse {
     }
   }
 
-  OnlineLse<F> merged() const {
+  F value() const {
     alignas(64) F ms[Vec::size()], zs[Vec::size()];
     m.store(ms);
     (zt + z).store(zs);
     OnlineLse<F> acc;
     for (int i = 0; i < Vec::size(); ++i) acc.merge(ms[i], zs[i]);
-    return acc;
+    return acc.value();
   }
-  F value() const { return merged().value(); }
 };
 
 template <class F>

@@ -15,7 +15,7 @@
 //   2. the prefix is that upper set plus the first entries of the next key v (its ties), by
 //      index, while the running sum stays <= mu; with order "descending", v's first entry is
 //      the head when the upper set is empty (the top-1 rule).
-// Passes: the two log-sum-exps; p, |p - q| (abs_gap: from the log-probabilities) and the key, kept in per-thread buffers (2 x V
+// Passes: the two maxima, the two log-sum-exps; p, |p - q| (abs_gap: from the log-probabilities) and the key, kept in per-thread buffers (2 x V
 // floats: with the row's logits they fit L2 at V = 128k); the bisection steps over the keys; one
 // pass for the gap sums. Masses and gaps are float sums folded into double every 64 packs. The
 // PyTorch path (float64 p from float32 log-probabilities, a float64 cumsum) agrees with this one
@@ -82,29 +82,42 @@ void head_tail_row(const scalar_t* s, const scalar_t* t, int64_t V, compute_t<sc
   const RowView<scalar_t> row(s, t, V, inv_T);
   const int64_t Vp = padded<W>(V);
 
-  VecLse<F> ls, lt;
+  // The log-sum-exps as m + log z, z = c + r: c entries at the maximum m, r = the sum of exp(x - m)
+  // over the others, accumulated apart from c, so that a peaked row keeps r (float32 would round
+  // 1 + r to 1 for r < 6e-8, and lose r's digits above that) and log z = log c + log1p(r / c). The
+  // log-probabilities are then (x - m) - log z, each part exact or small: a peaked row's top
+  // entry gets lp = -log1p(r), not 0, and its gap to the student survives (abs_gap).
+  Vec max_s(std::numeric_limits<F>::lowest()), max_t(std::numeric_limits<F>::lowest());
   row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    ls.add(xs);
-    lt.add(xt);
+    max_s = O::max(max_s, xs);
+    max_t = O::max(max_t, xt);
   });
-  const OnlineLse<F> lse_s = ls.merged(), lse_t = lt.merged();
+  const Vec m_s(hmax<F>(max_s)), m_t(hmax<F>(max_t));
+  PackSum<F> r_s, r_t, c_s, c_t;
+  const Vec zero(F(0)), one(F(1));
+  row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    const auto top_s = O::eq(xs, m_s), top_t = O::eq(xt, m_t);
+    r_s.add(O::select(top_s, zero, O::exp(xs - m_s)));  // NaN entries make r NaN; -inf ones add 0
+    r_t.add(O::select(top_t, zero, O::exp(xt - m_t)));
+    c_s.add(O::select(top_s, one, zero));
+    c_t.add(O::select(top_t, one, zero));
+  });
+  const double log_z_s = std::log(c_s.value()) + std::log1p(r_s.value() / c_s.value());
+  const double log_z_t = std::log(c_t.value()) + std::log1p(r_t.value() / c_t.value());
   // An all -inf, +inf or NaN side: divergence_fwd rejects the row (it raises, naming it); the
   // weights are never used.
-  if (!std::isfinite(lse_s.value()) || !std::isfinite(lse_t.value())) {
+  if (!std::isfinite(log_z_s + hmax<F>(max_s)) || !std::isfinite(log_z_t + hmax<F>(max_t))) {
     w[0] = w[1] = 0.5;
     return;
   }
 
   // p, |p - q| and the key (p or -p). The padding entries (-inf logits) have p = q = 0: gap 0 and
   // key +-0, the smallest p, last in index order, so they change no sum and no tie's rank.
-  // lp = (t' - m) - log z, as log_softmax computes it: t' - (m + log z) would lose log z to the
-  // rounding of a large m (a peaked row's top entry would get lp = 0, p = 1 exactly, and with a
-  // peaked student too the top gap would be 0).
   PackSum<F> mass, gap_total;
   Vec kmax(std::numeric_limits<F>::lowest()), kmin(std::numeric_limits<F>::max());
-  const Vec m_s(lse_s.m), m_t(lse_t.m), log_z_s(std::log(lse_s.z)), log_z_t(std::log(lse_t.z));
+  const Vec lz_s(static_cast<F>(log_z_s)), lz_t(static_cast<F>(log_z_t));
   row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    const Vec lp = (xt - m_t) - log_z_t, lq = (xs - m_s) - log_z_s;
+    const Vec lp = (xt - m_t) - lz_t, lq = (xs - m_s) - lz_s;
     const Vec P = O::exp(lp), Q = O::exp(lq);
     const Vec key = descending ? P : O::neg(P);
     const Vec gap = abs_gap(lp, lq, P, Q);
