@@ -413,6 +413,49 @@ void test_row_rules() {
   for (size_t k = 0; k < ga.size(); ++k) CHECK(close(ga[k], gb[k], 1e-12, 1e-14), "TAID(t=1) gradient != FKL's");
 }
 
+// AKL's head / tail helpers: the order-preserving float keys, the gap without cancellation and
+// the weights' split.
+template <class F>
+void check_sortable(const std::vector<F>& xs) {
+  for (size_t i = 0; i < xs.size(); ++i) {
+    CHECK(sortable_value<F>(sortable_key<F>(xs[i])) == xs[i], "sortable round trip of %g", double(xs[i]));
+    for (size_t j = 0; j < xs.size(); ++j) {
+      if (xs[i] < xs[j]) CHECK(sortable_key<F>(xs[i]) < sortable_key<F>(xs[j]), "key order %g < %g", double(xs[i]),
+                               double(xs[j]));
+    }
+  }
+  // the floats between two keys are the integers between them: the successor of x is nextafter(x)
+  for (F x : xs) {
+    if (std::isinf(x) && x > 0) continue;
+    const F next = sortable_value<F>(sortable_key<F>(x) + 1);
+    const F want = (x == F(0) && std::signbit(x)) ? F(0) : std::nextafter(x, F(INFINITY));
+    CHECK(next == want && std::signbit(next) == std::signbit(want), "successor of %g: %g", double(x), double(next));
+  }
+}
+
+void test_head_tail() {
+  check_sortable<float>({-INFINITY, -3.5f, -1e-30f, -0.0f, 0.0f, 1e-45f, 1e-30f, 0.25f, 1.0f, 3e38f, INFINITY});
+  check_sortable<double>({-INFINITY, -3.5, -1e-300, -0.0, 0.0, 5e-324, 1e-300, 0.25, 1.0, 1e308, INFINITY});
+  CHECK(sortable_key<float>(-0.0f) + 1 == sortable_key<float>(0.0f), "-0 sits just below +0");
+
+  // abs_gap against long double, where P - Q in float cancels (both near 1) and where it does not
+  const double cases[][2] = {{-1e-9, -3e-9}, {-2e-8, 0.0}, {-0.1, -0.3}, {-20.0, -21.5}, {-5.0, -5.0},
+                             {NINF, -2.0}, {-2.0, NINF}, {NINF, NINF}};
+  for (const auto& c : cases) {
+    const float lp = float(c[0]), lq = float(c[1]);
+    const float got = abs_gap(lp, lq, std::exp(lp), std::exp(lq));
+    const long double want = std::fabs(std::exp((long double)lp) - std::exp((long double)lq));
+    CHECK(close(got, double(want), 1e-6, 1e-38), "abs_gap(%g, %g) = %g, want %Lg", c[0], c[1], double(got), want);
+  }
+  double w[2];
+  head_tail_split(1.0, 3.0, w);
+  CHECK(w[0] == 0.25 && w[1] == 0.75, "split (1, 3): %g %g", w[0], w[1]);
+  head_tail_split(0.0, 0.0, w);
+  CHECK(w[0] == 0.5 && w[1] == 0.5, "split (0, 0): %g %g", w[0], w[1]);
+  head_tail_split(0.0, 2e-300, w);
+  CHECK(w[0] == 0.0 && w[1] == 1.0, "split (0, tiny): %g %g", w[0], w[1]);
+}
+
 }  // namespace
 
 int main() {
@@ -423,6 +466,7 @@ int main() {
   test_online_lse();
   test_gradients();
   test_row_rules();
+  test_head_tail();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
