@@ -310,7 +310,7 @@ void head_tail_cpu(const HeadTailArgs<scalar_t>& a, double* weights) {
   using F = compute_t<scalar_t>;
   constexpr int W = Vectorized<F>::size();
   const int64_t Vp = detail::padded<W>(a.V);
-  at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N, detail::grain(a.V), [&](int64_t begin, int64_t end) {
     std::vector<F> scratch;  // keys, gaps, two lists; allocated by the first unmasked row
     for (int64_t n = begin; n < end; ++n) {
       double* w = weights + 2 * n;
