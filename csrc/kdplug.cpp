@@ -13,6 +13,9 @@
 //     The forward and, computed in the same call, the gradient divergence_bwd gives for
 //     grad_loss = grad_scale (each row's backward pass runs while the row is in cache). CPU only:
 //     the training path when the caller can predict the incoming gradient (kdplug/_ops.py).
+//   divergence_fwd_grad_into(the forward's arguments, grad_scale [N], grad [N, V]) -> (loss, row_stats)
+//     The same, the gradient of the unmasked rows written into grad and the masked rows left as
+//     they are (a Split's second recipe fills its rows of the first one's gradient). CPU only.
 //   divergence_bwd(grad_loss [N], student_logits, teacher_logits, params, token_weights?,
 //                  row_mask, row_stats, structure, consts) -> grad_student [N, V]
 //     d(sum_n grad_loss[n] * loss[n]) / d student_logits, in one pass over each row.
@@ -60,6 +63,11 @@ TORCH_LIBRARY(kdplug, m) {
       "divergence_fwd_grad(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
       "Tensor row_mask, Tensor grad_scale, int[] structure, float[] consts) -> (Tensor loss, Tensor row_stats, "
       "Tensor grad)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "divergence_fwd_grad_into(Tensor student_logits, Tensor teacher_logits, Tensor params, Tensor? token_weights, "
+      "Tensor row_mask, Tensor grad_scale, int[] structure, float[] consts, Tensor(a!) grad) -> (Tensor loss, "
+      "Tensor row_stats)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor params, "

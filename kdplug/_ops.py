@@ -27,6 +27,7 @@ and, always:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -138,14 +139,18 @@ def _op_weights(token_weights: torch.Tensor | None) -> torch.Tensor | None:
     return None if token_weights is None else token_weights.detach().to(torch.float64).contiguous()
 
 
+def _no_teacher_grad(needs_input_grad):
+    if needs_input_grad[1]:
+        raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
+                           "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+
+
 def student_grad(needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights, row_mask,
                  row_stats, structure, consts, inplace: bool = False):
     """The backward of every compiled-core autograd path: the gradient w.r.t. the student rows
     (written over them with ``inplace``), or None when not needed; a teacher that requires grad
     is an error."""
-    if needs_input_grad[1]:
-        raise RuntimeError("kdplug: the compiled core differentiates w.r.t. student_logits only, but "
-                           "teacher_logits requires grad; use backend='torch' for a teacher gradient")
+    _no_teacher_grad(needs_input_grad)
     if not needs_input_grad[0]:
         return None
     args = (grad_loss.to(_compute_dtype(student_rows.dtype)), student_rows, teacher_rows, params, token_weights,
@@ -186,6 +191,15 @@ if HAS_OPS:
                                                structure, consts)
         torch._check(grad_scale.shape == (student_logits.shape[0],), lambda: "kdplug: grad_scale must be [N]")
         return loss, row_stats, student_logits.new_empty(student_logits.shape)
+
+    @torch.library.register_fake("kdplug::divergence_fwd_grad_into")
+    def _divergence_fwd_grad_into_fake(student_logits, teacher_logits, params, token_weights, row_mask, grad_scale,
+                                       structure, consts, grad):
+        loss, row_stats = _divergence_fwd_fake(student_logits, teacher_logits, params, token_weights, row_mask,
+                                               structure, consts)
+        torch._check(grad_scale.shape == (student_logits.shape[0],), lambda: "kdplug: grad_scale must be [N]")
+        torch._check(grad.shape == student_logits.shape, lambda: "kdplug: grad must be [N, V]")
+        return loss, row_stats
 
     @torch.library.register_fake("kdplug::divergence_bwd")
     def _divergence_bwd_fake(grad_loss, student_logits, teacher_logits, params, token_weights, row_mask, row_stats,
@@ -291,18 +305,9 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         nones = (None,) * 7
         if grad is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
-            grad_loss = grad_loss.to(expected.dtype)
-            # masked rows have a zero gradient whatever comes in: compare the unmasked ones
-            one = torch.ones((), dtype=expected.dtype)
-            ratio = torch.where(row_mask, grad_loss, one) / torch.where(row_mask, expected, one)
-            if bool((ratio == 1).all()):
+            grad = _kept_grad(grad, grad_loss, expected, row_mask)
+            if grad is not None:
                 return (grad,) + nones
-            # NB: in bfloat16 / float16 only a factor common to all rows (a loss scaled by a
-            # constant, as autograd scales any gradient): the second rounding costs up to an ulp
-            # of the gradient's precision, where divergence_bwd rounds once
-            if bool(torch.isfinite(ratio).all()) and (grad.dtype in (torch.float32, torch.float64)
-                                                      or bool((ratio == ratio[0]).all())):
-                return (grad.mul_(ratio[:, None]),) + nones
         if ctx.needs_input_grad[1] or not ctx.needs_input_grad[0]:
             return (student_grad(ctx.needs_input_grad, grad_loss, student_rows, teacher_rows, params, token_weights,
                                  row_mask, row_stats, ctx.structure, ctx.consts),) + nones
@@ -315,18 +320,96 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
         return (grad,) + nones
 
 
-def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept_grad(grad, grad_loss, expected, row_mask):
+    """The gradient computed in the forward for ``expected``, as the backward of ``grad_loss``:
+    as it is when the two agree on every unmasked row, its rows rescaled when they differ by a
+    finite factor per row; None when it must be recomputed."""
+    grad_loss = grad_loss.to(expected.dtype)
+    # masked rows have a zero gradient whatever comes in: compare the unmasked ones
+    one = torch.ones((), dtype=expected.dtype)
+    ratio = torch.where(row_mask, grad_loss, one) / torch.where(row_mask, expected, one)
+    if bool((ratio == 1).all()):
+        return grad
+    # NB: in bfloat16 / float16 only a factor common to all rows (a loss scaled by a constant, as
+    # autograd scales any gradient): the second rounding costs up to an ulp of the gradient's
+    # precision, where divergence_bwd rounds once
+    if bool(torch.isfinite(ratio).all()) and (grad.dtype in (torch.float32, torch.float64)
+                                              or bool((ratio == ratio[0]).all())):
+        return grad.mul_(ratio[:, None])
+    return None
+
+
+def split_recipe_loss(student_rows: torch.Tensor, teacher_rows: torch.Tensor, parts,
+                      expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss ``[N]`` and ``row_stats`` of several recipes, each on its own rows.
 
     ``parts``: ``(params, token_weights, row_mask, structure, consts)`` per recipe, with disjoint
-    row masks (a Split). The backward writes every recipe's rows into one gradient tensor (the
-    first recipe's ``divergence_bwd`` zero-fills the rows of the others, which
-    ``divergence_bwd_into`` then fills), instead of one N x V gradient per recipe and their sum.
+    row masks (a Split). Every recipe's gradient rows go into one gradient tensor, instead of one
+    N x V gradient per recipe and their sum: computed in the forward where :func:`grad_in_forward`
+    holds and ``expected`` is given (the first recipe's ``divergence_fwd_grad`` zero-fills the
+    rows of the others, which ``divergence_fwd_grad_into`` then fills; as
+    :class:`_ForwardGradRecipeLoss` otherwise), else in the backward (``divergence_bwd``, then
+    ``divergence_bwd_into``).
     """
     flat = []
     for params, token_weights, row_mask, structure, consts in parts:
         flat += [params.to(torch.float64), _op_weights(token_weights), row_mask, list(structure), list(consts)]
+    if expected is not None and grad_in_forward(student_rows):
+        expected = expected.detach().to(_compute_dtype(student_rows.dtype)).contiguous()
+        return _ForwardGradSplitLoss.apply(student_rows, teacher_rows, expected, *flat)
     return _SplitRecipeLoss.apply(student_rows, teacher_rows, *flat)
+
+
+def _split_fwd_grad(student_rows, teacher_rows, parts, grad_scale):
+    """Loss, row_stats and the gradient for ``grad_scale`` of a Split's recipes, one gradient tensor."""
+    loss = row_stats = grad = None
+    for params, token_weights, row_mask, structure, consts in parts:
+        if grad is None:
+            loss, row_stats, grad = torch.ops.kdplug.divergence_fwd_grad(student_rows, teacher_rows, params,
+                                                                         token_weights, row_mask, grad_scale,
+                                                                         structure, consts)
+        else:
+            part_loss, part_stats = torch.ops.kdplug.divergence_fwd_grad_into(student_rows, teacher_rows, params,
+                                                                              token_weights, row_mask, grad_scale,
+                                                                              structure, consts, grad)
+            # masked rows give 0 loss and 0 statistics: the parts add up row by row
+            loss, row_stats = loss + part_loss, row_stats + part_stats
+    return loss, row_stats, grad
+
+
+class _ForwardGradSplitLoss(torch.autograd.Function):
+    """A Split's recipes with the gradient computed in the forward (see _ForwardGradRecipeLoss)."""
+
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, expected, *flat):
+        parts = [flat[i:i + 5] for i in range(0, len(flat), 5)]
+        loss, row_stats, grad = _split_fwd_grad(student_rows, teacher_rows, parts, expected)
+        ctx.save_for_backward(student_rows, teacher_rows, expected,
+                              *[x for params, token_weights, row_mask, _, _ in parts
+                                for x in (params, token_weights, row_mask)])
+        ctx.grad = grad
+        ctx.static = [(structure, consts) for _, _, _, structure, consts in parts]
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_stats):
+        student_rows, teacher_rows, expected, *saved = ctx.saved_tensors
+        parts = [(*saved[3 * i: 3 * i + 3], *static) for i, static in enumerate(ctx.static)]
+        grad, ctx.grad = ctx.grad, None
+        nones = (None,) * (1 + 5 * len(parts))
+        _no_teacher_grad(ctx.needs_input_grad)
+        if not ctx.needs_input_grad[0]:
+            return (None, None) + nones
+        if grad is not None:
+            rows = functools.reduce(torch.logical_or, [row_mask for _, _, row_mask, _, _ in parts])
+            grad = _kept_grad(grad, grad_loss, expected, rows)
+            if grad is not None:
+                return (grad, None) + nones
+        # NB: recomputed by the forward's own ops (as _ForwardGradRecipeLoss), so that a second
+        # backward with the same incoming gradient gives the first one's bits
+        grad_loss = grad_loss.to(expected.dtype).contiguous()
+        return (_split_fwd_grad(student_rows, teacher_rows, parts, grad_loss)[2], None) + nones
 
 
 class _SplitRecipeLoss(torch.autograd.Function):

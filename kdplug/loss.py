@@ -404,7 +404,7 @@ class KDLoss(nn.Module):
                     return _combine([_vocab_parallel.recipe_loss(student_rows, teacher_rows, *p, group, inplace)
                                      for p in packed], masks)
                 if len(packed) > 1:  # a Split: its recipes' gradients written into one tensor
-                    loss, row_stats = _ops.split_recipe_loss(student_rows, teacher_rows, packed)
+                    loss, row_stats = _ops.split_recipe_loss(student_rows, teacher_rows, packed, expected)
                 else:
                     loss, row_stats = _ops.recipe_loss(student_rows, teacher_rows, *packed[0], inplace, expected)
                 return loss, row_stats[:, :2]

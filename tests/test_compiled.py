@@ -650,7 +650,8 @@ def test_opcheck_fwd_grad():
 def _train_grad(name, backend, s, t, mask, *, reduction="mean", t2_scale=False, outer=None, **params):
     loss_fn = kdplug.get(name, backend=backend, reduction=reduction, t2_scale=t2_scale, temperature=1.5, **params)
     x = s.detach().clone().requires_grad_()
-    loss = loss_fn(x, t, mask=mask)
+    extra = {"student_generated": torch.tensor([True, False])} if name == "distillm2" else {}
+    loss = loss_fn(x, t, mask=mask, **extra)
     kinds = set()
     node = loss.grad_fn
     while node is not None and node.next_functions:  # the per-token node below the reduction
@@ -665,10 +666,11 @@ def _train_grad(name, backend, s, t, mask, *, reduction="mean", t2_scale=False, 
     ("mean", False, lambda loss: 0.3 * loss), ("none", False, lambda loss: (loss * torch.arange(6.0).reshape(2, 3)).sum()),
     ("none", False, lambda loss: loss.sum()),
 ], ids=["mean", "sum", "batchmean-t2", "sequence", "mean-scaled", "none-weighted", "none-sum"])
-@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "abkd", "tvd"])
+@pytest.mark.parametrize("name", ["fkl", "taid", "amid", "akl", "abkd", "tvd", "distillm2"])
 def test_gradient_computed_in_the_forward(name, reduction, t2_scale, outer):
-    """Eager CPU training takes divergence_fwd_grad; whatever the reduction and any later scaling
-    of the loss, the gradient is the PyTorch path's."""
+    """Eager CPU training takes divergence_fwd_grad (a Split: its recipes' fwd_grad and
+    fwd_grad_into, one gradient); whatever the reduction and any later scaling of the loss, the
+    gradient is the PyTorch path's."""
     s, t = make_logits((2, 3, 41), torch.float32, seed=8)
     mask = torch.tensor([[True, False, True], [True, True, True]])
     loss_c, grad_c, kinds = _train_grad(name, "compiled", s, t, mask, reduction=reduction, t2_scale=t2_scale,
@@ -699,6 +701,52 @@ def test_gradient_in_the_forward_falls_back_when_the_prediction_cannot_be_used(n
     first, x.grad = x.grad, None
     (loss * weights).sum().backward()  # the kept gradient is gone: recomputed
     assert torch.equal(x.grad, first)
+
+
+def _split_parts(name, student_generated):
+    split = kdplug.get(name).recipe
+    parts = []
+    for recipe, rows in ((split.if_false, ~student_generated), (split.if_true, student_generated)):
+        structure, consts = structure_and_consts(recipe, "exact")
+        parts.append((params_tensor(recipe, 1.0, {}, torch.device("cpu")), None, rows, structure, consts))
+    return parts
+
+
+def test_split_gradient_in_the_forward():
+    """A Split's recipes on their rows: fwd_grad_into fills its rows of the first recipe's gradient
+    and leaves the others; a prediction that cannot be used recomputes it with the same ops (the
+    same bits on a second backward) and gives the backward ops' values."""
+    s, t = make_logits((6, 37), torch.float64, seed=13)
+    flags = torch.tensor([True, False, True, True, False, False])
+    mask = torch.tensor([True, True, False, True, True, True])
+    parts = _split_parts("distillm2", flags)
+    parts = [(p, tw, rows & mask, st, c) for p, tw, rows, st, c in parts]
+    scale = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (p0, _, m0, st0, c0), (p1, _, m1, st1, c1) = parts
+    loss0, stats0, grad = torch.ops.kdplug.divergence_fwd_grad(s, t, p0, None, m0, scale, st0, c0)
+    before = grad.clone()
+    loss1, stats1 = torch.ops.kdplug.divergence_fwd_grad_into(s, t, p1, None, m1, scale, st1, c1, grad)
+    assert torch.equal(grad[~m1], before[~m1]) and (loss1[~m1] == 0).all() and (stats1[~m1] == 0).all()
+    _, _, alone = torch.ops.kdplug.divergence_fwd_grad(s, t, p1, None, m1, scale, st1, c1)
+    assert torch.equal(grad[m1], alone[m1])
+    torch.library.opcheck(torch.ops.kdplug.divergence_fwd_grad_into.default,
+                          (s, t, p1, None, m1, scale, st1, c1, grad.clone()))
+
+    weights = torch.tensor([1.0, -0.5, 2.0, 4.0, 0.3, 1.2], dtype=torch.float64)
+    expected = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # row 1: wrongly 0
+    x = s.clone().requires_grad_()
+    loss, stats = _ops.split_recipe_loss(x, t, parts, expected=expected)
+    assert "ForwardGradSplit" in type(loss.grad_fn).__name__
+    torch.testing.assert_close(loss, loss0 + loss1, rtol=0, atol=0)
+    (loss * weights).sum().backward(retain_graph=True)
+    ref = torch.ops.kdplug.divergence_bwd(weights, s, t, p0, None, m0, stats0, st0, c0)
+    torch.ops.kdplug.divergence_bwd_into(weights, s, t, p1, None, m1, stats1, st1, c1, ref)
+    torch.testing.assert_close(x.grad, ref, rtol=1e-12, atol=1e-15)
+    first, x.grad = x.grad, None
+    (loss * weights).sum().backward()  # the kept gradient is gone: recomputed
+    assert torch.equal(x.grad, first)
+    with pytest.raises(RuntimeError, match="grad must be a contiguous"):
+        torch.ops.kdplug.divergence_fwd_grad_into(s, t, p1, None, m1, scale, st1, c1, grad.t().contiguous().t())
 
 
 def test_no_gradient_in_the_forward_when_not_training():

@@ -46,10 +46,13 @@ void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss,
                   scalar_t* grad, int64_t grad_stride, bool skip_masked);
 
 // forward_cpu and backward_cpu of each row back to back (the row still in cache), grad_loss =
-// grad_scale; grad is [N, V] contiguous. A rejected row (bad_row) gets a zero gradient.
+// grad_scale; grad is [N, V] contiguous. A rejected row (bad_row) gets a zero gradient; masked
+// rows get loss and statistics 0 and a zero gradient, or their gradient rows left as they are
+// with skip_masked (another recipe's rows).
 template <class scalar_t>
 void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_scale, compute_t<scalar_t>* loss,
-                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row);
+                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row,
+                          bool skip_masked);
 
 // The per-shard partial row statistics of the vocabulary-parallel forward (stage 0, 1 or 2; see
 // partial_rows in divergence_rows.h): given [N, 2 or 3] float64 (null at stage 0), out [N, width].
@@ -78,7 +81,7 @@ void head_tail_cpu(const HeadTailArgs<scalar_t>& a, double* weights);
   extern template void backward_cpu<T>(const Args<T>&, const compute_t<T>*, const compute_t<T>*, T*, int64_t, bool); \
   extern template void partials_cpu<T>(const Args<T>&, int, const double*, double*);                 \
   extern template void forward_backward_cpu<T>(const Args<T>&, const compute_t<T>*, compute_t<T>*, compute_t<T>*, T*, \
-                                               std::atomic<int64_t>*); \
+                                               std::atomic<int64_t>*, bool); \
   extern template void head_tail_cpu<T>(const HeadTailArgs<T>&, double*);
 KDPLUG_CPU_DTYPES(KDPLUG_DECLARE_EXTERN)
 #undef KDPLUG_DECLARE_EXTERN

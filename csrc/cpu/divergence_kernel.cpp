@@ -249,10 +249,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
     using F = compute_t<scalar_t>;
     const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
     forward_backward_cpu<scalar_t>(a, gs.data_ptr<F>(), loss.data_ptr<F>(), row_stats.data_ptr<F>(),
-                                   grad.data_ptr<scalar_t>(), &bad_row);
+                                   grad.data_ptr<scalar_t>(), &bad_row, /*skip_masked=*/false);
   });
   check_rows(bad_row.load());
   return {loss, row_stats, grad};
+}
+
+// divergence_fwd_grad with the gradient of the unmasked rows written into grad and the masked
+// rows left as they are: a Split's second recipe fills its rows of the first one's gradient.
+std::tuple<at::Tensor, at::Tensor> divergence_fwd_grad_into_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& params,
+    const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask, const at::Tensor& grad_scale,
+    at::IntArrayRef structure, at::ArrayRef<double> consts, const at::Tensor& grad) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  const auto cdt = compute_dtype(student_logits.scalar_type());
+  check_per_row(grad_scale, "grad_scale", N, cdt);
+  TORCH_CHECK(grad.sizes() == student_logits.sizes() && grad.scalar_type() == student_logits.scalar_type() &&
+                  grad.device().is_cpu() && grad.is_contiguous(),
+              "kdplug: grad must be a contiguous ", student_logits.scalar_type(), " [", N, ", ", V,
+              "] CPU tensor, got ", grad.scalar_type(), " ", grad.sizes(), " strides ", grad.strides());
+  at::assert_no_overlap(grad, student_logits);
+  at::assert_no_overlap(grad, teacher_logits);
+  const auto opts = student_logits.options().dtype(cdt);
+  at::Tensor loss = at::empty({N}, opts);
+  at::Tensor row_stats = at::empty({N, kStats}, opts);
+  if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_()};
+  const at::Tensor gs = grad_scale.contiguous();
+  std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_fwd_grad_into", [&] {
+    using F = compute_t<scalar_t>;
+    const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
+    forward_backward_cpu<scalar_t>(a, gs.data_ptr<F>(), loss.data_ptr<F>(), row_stats.data_ptr<F>(),
+                                   grad.data_ptr<scalar_t>(), &bad_row, /*skip_masked=*/true);
+  });
+  check_rows(bad_row.load());
+  return {loss, row_stats};
 }
 
 // Checks of the backward's own arguments; writes the gradient to grad (row stride grad_stride).
@@ -390,6 +422,7 @@ at::Tensor head_tail_weights_cpu(const at::Tensor& student_logits, const at::Ten
 TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
   m.impl("divergence_fwd", &kdplug::cpu::divergence_fwd_cpu);
   m.impl("divergence_fwd_grad", &kdplug::cpu::divergence_fwd_grad_cpu);
+  m.impl("divergence_fwd_grad_into", &kdplug::cpu::divergence_fwd_grad_into_cpu);
   m.impl("divergence_bwd", &kdplug::cpu::divergence_bwd_cpu);
   m.impl("divergence_bwd_inplace", &kdplug::cpu::divergence_bwd_inplace_cpu);
   m.impl("divergence_bwd_into", &kdplug::cpu::divergence_bwd_into_cpu);

@@ -1280,7 +1280,7 @@ inline bool has_ab(const RecipeDesc& d) {
 template <class scalar_t, int MIX, int SIG>
 void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<scalar_t>* grad_scale,
                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad, int64_t begin,
-                           int64_t end, std::atomic<int64_t>* bad_row) {
+                           int64_t end, std::atomic<int64_t>* bad_row, bool skip_masked) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
   using O = Ops<Vec>;
@@ -1291,6 +1291,10 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
   for (int64_t n = begin; n < end; ++n) {
     F* st = stats + n * kStats;
     scalar_t* g = grad + n * a.V;
+    if (skip_masked && !a.row_mask[n * a.mask_stride]) {  // another recipe's row: its gradient is not ours
+      no_loss_row<scalar_t, F>(loss + n, st, nullptr, a.V, false);
+      continue;
+    }
     bool keep = false;
     if constexpr (kLogitSig<MIX, SIG>) {
       if (one_pass) {
@@ -1496,13 +1500,15 @@ void backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss,
 
 template <class scalar_t>
 void forward_backward_cpu(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_scale, compute_t<scalar_t>* loss,
-                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row) {
+                          compute_t<scalar_t>* stats, scalar_t* grad, std::atomic<int64_t>* bad_row,
+                          bool skip_masked) {
   using namespace detail;
   const bool fused = fused_eligible(a.desc);
   dispatch_recipe<kSpecialize<scalar_t>>(a.desc, [&](auto mix, auto sig) {
     at::parallel_for(0, a.N, grain(a.V), [&](int64_t begin, int64_t end) {
       forward_backward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, fused, grad_scale, loss, stats,
-                                                                                 grad, begin, end, bad_row);
+                                                                                 grad, begin, end, bad_row,
+                                                                                 skip_masked);
     });
   });
 }

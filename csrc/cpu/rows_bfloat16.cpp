@@ -8,7 +8,7 @@ template void forward_cpu<c10::BFloat16>(const Args<c10::BFloat16>&, compute_t<c
 template void backward_cpu<c10::BFloat16>(const Args<c10::BFloat16>&, const compute_t<c10::BFloat16>*, const compute_t<c10::BFloat16>*, c10::BFloat16*, int64_t, bool);
 template void partials_cpu<c10::BFloat16>(const Args<c10::BFloat16>&, int, const double*, double*);
 template void forward_backward_cpu<c10::BFloat16>(const Args<c10::BFloat16>&, const compute_t<c10::BFloat16>*, compute_t<c10::BFloat16>*,
-                                              compute_t<c10::BFloat16>*, c10::BFloat16*, std::atomic<int64_t>*);
+                                              compute_t<c10::BFloat16>*, c10::BFloat16*, std::atomic<int64_t>*, bool);
 
 }  // namespace cpu
 }  // namespace kdplug

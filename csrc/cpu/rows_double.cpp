@@ -8,7 +8,7 @@ template void forward_cpu<double>(const Args<double>&, compute_t<double>*, compu
 template void backward_cpu<double>(const Args<double>&, const compute_t<double>*, const compute_t<double>*, double*, int64_t, bool);
 template void partials_cpu<double>(const Args<double>&, int, const double*, double*);
 template void forward_backward_cpu<double>(const Args<double>&, const compute_t<double>*, compute_t<double>*,
-                                              compute_t<double>*, double*, std::atomic<int64_t>*);
+                                              compute_t<double>*, double*, std::atomic<int64_t>*, bool);
 
 }  // namespace cpu
 }  // namespace kdplug
