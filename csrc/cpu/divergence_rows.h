@@ -172,8 +172,10 @@ struct RowView {
 // The row after row n, asked for (software prefetch) while row n's compute-bound pass reads cache:
 // fetch(k) at every pack requests the cache lines of both sides holding entries [k, k + W), once
 // per line, so that the next row's first pass finds them in cache instead of waiting for memory.
-// At most the first kPrefetchBytes of the next row (both sides together): fetched further, it
-// evicts the current row's logits and kept exps from L2 before their last pass reads them. On the
+// At most the first kPrefetchBytes of the next row (both sides together) where the current row is
+// read again (divergence_fwd_grad): fetched further, it evicts the current row's logits and kept
+// exps from L2 before their last pass reads them (the one-pass forward, which reads each row once,
+// fetches the whole next row: see forward_rows_fused). On the
 // Xeon (2 MiB L2), N = 2048 fp32 divergence_fwd_grad, whole next row / its first 512 KiB / none:
 // V = 128256  FKL 181 / 167 / 162 ms, symmetric KL 246 / 200 / 177, TAID 194 / 189 / 203,
 //             TVD 200 / 186 / 177, gJSD 350 / 347 / 364;
@@ -187,11 +189,11 @@ struct NextRow {
   const scalar_t* t = nullptr;
   int64_t end = 0;  // entries [0, end) of each side
 
-  NextRow(const Args<scalar_t>& a, int64_t n, bool enabled) {
+  NextRow(const Args<scalar_t>& a, int64_t n, bool enabled, int64_t bytes = kPrefetchBytes) {  // bytes: both sides
     if (enabled) {
       s = a.s + (n + 1) * a.s_stride;
       t = a.t + (n + 1) * a.t_stride;
-      end = std::min<int64_t>(a.V, kPrefetchBytes / (2 * static_cast<int64_t>(sizeof(scalar_t))));
+      end = std::min<int64_t>(a.V, bytes / (2 * static_cast<int64_t>(sizeof(scalar_t))));
     }
   }
 
@@ -674,6 +676,12 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     RowConsts<F> c;
     init_row(a.desc, a.params, a.token_weights, n, &c);
     const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+    // NB: the whole next row (not kPrefetchBytes): this pass reads the current row once, front to
+    // back, and keeps nothing, so the lines the fetches evict are ones it has finished with. Xeon,
+    // N = 2048, V = 128256 fp32 divergence_fwd, no prefetch / 512 KiB / whole row: FKL 113 / 109 / 96
+    // ms, RKL 113 / 110 / 96, symmetric KL 117 / 114 / 101, TAID 138 / 133 / 118; at N = 1002,
+    // V = 262144 (a row pair is the whole 2 MiB L2), 512 KiB / whole: FKL 116 / 103, TAID 138 / 116.
+    const NextRow<scalar_t> next(a, n, n + 1 < end, std::numeric_limits<int64_t>::max());
     int lhs[NT], rhs[NT];
     bool kl[NT];
     for (int i = 0; i < NT; ++i) {
@@ -693,7 +701,8 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
     // NB: the teacher's log-sum-exp is computed even where no term uses p (TAID: r comes from the
     // logits, lr = g - LSE(g)): row_stats always holds both LSEs, which the per-token log-ratio
     // at sampled ids reads (KDLoss(..., log_ratio_at=)), for one exp per entry.
-    row.each([&](int64_t, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    row.each([&](int64_t k0, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      next.fetch(k0);
       Vec x[NX], w[NX];
       x[TEACHER] = xt;
       x[STUDENT] = xs;
