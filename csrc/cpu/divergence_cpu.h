@@ -19,14 +19,19 @@ namespace cpu {
 template <class scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// What the row loops read (pointers into the op's tensors; rows may be strided).
+// The logit rows the loops read (pointers into the op's tensors; rows may be strided).
 template <class scalar_t>
-struct Args {
+struct Rows {
   const scalar_t* s;
   const scalar_t* t;
   int64_t s_stride, t_stride, N, V;
   const bool* row_mask;
   int64_t mask_stride;
+};
+
+// What the divergence loops read: the rows and the packed recipe.
+template <class scalar_t>
+struct Args : Rows<scalar_t> {
   const double* params;         // [2 + n_terms]
   const double* token_weights;  // [N, n_terms] contiguous, or null
   math::RecipeDesc desc;
@@ -63,12 +68,7 @@ constexpr int partials_width(int stage) { return stage == 0 ? 3 : stage == 1 ? 1
 // AKL's head / tail weights (csrc/cpu/head_tail_rows.cpp): weights [N, 2] float64, (0.5, 0.5)
 // on masked rows and on rows divergence_fwd rejects.
 template <class scalar_t>
-struct HeadTailArgs {
-  const scalar_t* s;
-  const scalar_t* t;
-  int64_t s_stride, t_stride, N, V;
-  const bool* row_mask;
-  int64_t mask_stride;
+struct HeadTailArgs : Rows<scalar_t> {
   double inv_T, mu;
   bool descending;
 };

@@ -90,18 +90,23 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& s, const at::Tensor& 
 }
 
 template <class scalar_t>
+void set_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& row_mask, Rows<scalar_t>* a) {
+  a->s = s.data_ptr<scalar_t>();
+  a->t = t.data_ptr<scalar_t>();
+  a->s_stride = s.stride(0);
+  a->t_stride = t.stride(0);
+  a->N = s.size(0);
+  a->V = s.size(1);
+  a->row_mask = row_mask.data_ptr<bool>();
+  a->mask_stride = row_mask.stride(0);
+}
+
+template <class scalar_t>
 Args<scalar_t> make_args(const at::Tensor& s, const at::Tensor& t, const at::Tensor& params,
                          const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask,
                          const RecipeDesc& d) {
   Args<scalar_t> a;
-  a.s = s.data_ptr<scalar_t>();
-  a.t = t.data_ptr<scalar_t>();
-  a.s_stride = s.stride(0);
-  a.t_stride = t.stride(0);
-  a.N = s.size(0);
-  a.V = s.size(1);
-  a.row_mask = row_mask.data_ptr<bool>();
-  a.mask_stride = row_mask.stride(0);
+  set_rows<scalar_t>(s, t, row_mask, &a);
   a.params = params.data_ptr<double>();
   a.token_weights = token_weights.has_value() ? token_weights->data_ptr<double>() : nullptr;
   a.desc = d;
@@ -228,30 +233,42 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student_
   return {loss, row_stats};
 }
 
-// The forward and the gradient of sum_n grad_scale[n] * loss[n] in one call, each row's backward
-// pass right after its forward passes (the row still in cache): see forward_backward_rows.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& params,
-    const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask, const at::Tensor& grad_scale,
-    at::IntArrayRef structure, at::ArrayRef<double> consts) {
-  const RecipeDesc d = decode(structure, consts);
-  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+// The forward and the gradient of sum_n grad_scale[n] * loss[n] in one call, written to grad
+// (contiguous [N, V]), each row's backward pass right after its forward passes (the row still in
+// cache): see forward_backward_rows. skip_masked: masked rows' gradient left as it is.
+std::tuple<at::Tensor, at::Tensor> forward_backward_into(const at::Tensor& student_logits,
+                                                         const at::Tensor& teacher_logits, const at::Tensor& params,
+                                                         const std::optional<at::Tensor>& token_weights,
+                                                         const at::Tensor& row_mask, const at::Tensor& grad_scale,
+                                                         const RecipeDesc& d, const at::Tensor& grad, bool skip_masked) {
+  const int64_t N = student_logits.size(0);
   const auto cdt = compute_dtype(student_logits.scalar_type());
   check_per_row(grad_scale, "grad_scale", N, cdt);
   const auto opts = student_logits.options().dtype(cdt);
   at::Tensor loss = at::empty({N}, opts);
   at::Tensor row_stats = at::empty({N, kStats}, opts);
-  at::Tensor grad = gradient_buffer(N, V, student_logits.options());
-  if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_(), grad};
+  if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_()};
   const at::Tensor gs = grad_scale.contiguous();
   std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_fwd_grad", [&] {
     using F = compute_t<scalar_t>;
     const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
     forward_backward_cpu<scalar_t>(a, gs.data_ptr<F>(), loss.data_ptr<F>(), row_stats.data_ptr<F>(),
-                                   grad.data_ptr<scalar_t>(), &bad_row, /*skip_masked=*/false);
+                                   grad.data_ptr<scalar_t>(), &bad_row, skip_masked);
   });
   check_rows(bad_row.load());
+  return {loss, row_stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& params,
+    const std::optional<at::Tensor>& token_weights, const at::Tensor& row_mask, const at::Tensor& grad_scale,
+    at::IntArrayRef structure, at::ArrayRef<double> consts) {
+  const RecipeDesc d = decode(structure, consts);
+  const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
+  at::Tensor grad = gradient_buffer(N, V, student_logits.options());
+  auto [loss, row_stats] = forward_backward_into(student_logits, teacher_logits, params, token_weights, row_mask,
+                                                 grad_scale, d, grad, /*skip_masked=*/false);
   return {loss, row_stats, grad};
 }
 
@@ -263,28 +280,14 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_grad_into_cpu(
     at::IntArrayRef structure, at::ArrayRef<double> consts, const at::Tensor& grad) {
   const RecipeDesc d = decode(structure, consts);
   const auto [N, V] = check_inputs(student_logits, teacher_logits, params, token_weights, row_mask, d);
-  const auto cdt = compute_dtype(student_logits.scalar_type());
-  check_per_row(grad_scale, "grad_scale", N, cdt);
   TORCH_CHECK(grad.sizes() == student_logits.sizes() && grad.scalar_type() == student_logits.scalar_type() &&
                   grad.device().is_cpu() && grad.is_contiguous(),
               "kdplug: grad must be a contiguous ", student_logits.scalar_type(), " [", N, ", ", V,
               "] CPU tensor, got ", grad.scalar_type(), " ", grad.sizes(), " strides ", grad.strides());
   at::assert_no_overlap(grad, student_logits);
   at::assert_no_overlap(grad, teacher_logits);
-  const auto opts = student_logits.options().dtype(cdt);
-  at::Tensor loss = at::empty({N}, opts);
-  at::Tensor row_stats = at::empty({N, kStats}, opts);
-  if (grad.numel() == 0) return {loss.zero_(), row_stats.zero_()};
-  const at::Tensor gs = grad_scale.contiguous();
-  std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_fwd_grad_into", [&] {
-    using F = compute_t<scalar_t>;
-    const Args<scalar_t> a = make_args<scalar_t>(student_logits, teacher_logits, params, token_weights, row_mask, d);
-    forward_backward_cpu<scalar_t>(a, gs.data_ptr<F>(), loss.data_ptr<F>(), row_stats.data_ptr<F>(),
-                                   grad.data_ptr<scalar_t>(), &bad_row, /*skip_masked=*/true);
-  });
-  check_rows(bad_row.load());
-  return {loss, row_stats};
+  return forward_backward_into(student_logits, teacher_logits, params, token_weights, row_mask, grad_scale, d, grad,
+                               /*skip_masked=*/true);
 }
 
 // Checks of the backward's own arguments; writes the gradient to grad (row stride grad_stride).
@@ -399,14 +402,7 @@ at::Tensor head_tail_weights_cpu(const at::Tensor& student_logits, const at::Ten
   if (N == 0) return weights;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "kdplug_head_tail", [&] {
     HeadTailArgs<scalar_t> a;
-    a.s = student_logits.data_ptr<scalar_t>();
-    a.t = teacher_logits.data_ptr<scalar_t>();
-    a.s_stride = student_logits.stride(0);
-    a.t_stride = teacher_logits.stride(0);
-    a.N = N;
-    a.V = V;
-    a.row_mask = row_mask.data_ptr<bool>();
-    a.mask_stride = row_mask.stride(0);
+    set_rows<scalar_t>(student_logits, teacher_logits, row_mask, &a);
     a.inv_T = 1.0 / temperature;
     a.mu = mu;
     a.descending = descending;
