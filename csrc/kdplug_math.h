@@ -803,7 +803,6 @@ inline void backward_row(const RecipeDesc& d, const double* params, const TW* to
   }
 }
 
-
 // ---- AKL's head / tail weights (kdplug::head_tail_weights) ---------------------------------------
 // A token's vocabulary splits into a "head" and a "tail" (the rule: kdplug/_head_tail.py; the CPU
 // row loop: csrc/cpu/head_tail_rows.cpp), and with the gaps g_head = sum_{k in head} |p_k - q_k|,

@@ -71,10 +71,11 @@ def why_cannot_run(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> st
 
 
 def has_head_tail_kernel(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> bool:
-    """Whether the ``head_tail_weights`` op takes these ``[N, V]`` logits (it has a CPU kernel only)."""
-    return (HAS_OPS and student_rows.device.type == "cpu" and teacher_rows.device.type == "cpu"
-            and student_rows.dtype in DTYPES and teacher_rows.dtype == student_rows.dtype
-            and (student_rows.shape[-1] <= 1 or (student_rows.stride(-1) == 1 and teacher_rows.stride(-1) == 1)))
+    """Whether the ``head_tail_weights`` op takes these ``[N, V]`` logits: the divergence ops'
+    conditions (it reads detached logits, so a teacher that requires grad is no obstacle), on the
+    CPU (it has no CUDA kernel)."""
+    return (student_rows.device.type == "cpu"
+            and why_cannot_run(student_rows.detach(), teacher_rows.detach()) is None)
 
 
 def head_tail_weights(student_rows: torch.Tensor, teacher_rows: torch.Tensor, row_mask: torch.Tensor,
@@ -165,18 +166,21 @@ def student_grad(needs_input_grad, grad_loss, student_rows, teacher_rows, params
 
 
 if HAS_OPS:
-    @torch.library.register_fake("kdplug::divergence_fwd")
-    def _divergence_fwd_fake(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
+    def _check_rows_fake(student_logits, teacher_logits, row_mask):
         torch._check(student_logits.dim() == 2, lambda: "kdplug: student_logits must be [N, V]")
         torch._check(teacher_logits.shape == student_logits.shape,
                      lambda: "kdplug: student_logits and teacher_logits must have the same shape")
         torch._check(teacher_logits.dtype == student_logits.dtype,
                      lambda: "kdplug: student_logits and teacher_logits must have the same dtype")
+        torch._check(row_mask.dim() == 1 and row_mask.shape[0] == student_logits.shape[0],
+                     lambda: "kdplug: row_mask must be [N]")
+
+    @torch.library.register_fake("kdplug::divergence_fwd")
+    def _divergence_fwd_fake(student_logits, teacher_logits, params, token_weights, row_mask, structure, consts):
+        _check_rows_fake(student_logits, teacher_logits, row_mask)
         n_terms = structure[3]
         torch._check(params.dim() == 1 and params.shape[0] == 2 + n_terms,
                      lambda: "kdplug: params must be [T, lam, weight * n_terms]")
-        torch._check(row_mask.dim() == 1 and row_mask.shape[0] == student_logits.shape[0],
-                     lambda: "kdplug: row_mask must be [N]")
         if token_weights is not None:
             torch._check(token_weights.shape == (student_logits.shape[0], n_terms),
                          lambda: "kdplug: token_weights must be [N, n_terms]")
@@ -244,14 +248,9 @@ if HAS_OPS:
         width = (3, 1, 5)[stage]
         return student_logits.new_empty((student_logits.shape[0], width), dtype=torch.float64)
 
-
     @torch.library.register_fake("kdplug::head_tail_weights")
     def _head_tail_weights_fake(student_logits, teacher_logits, row_mask, temperature, mu, descending):
-        torch._check(student_logits.dim() == 2, lambda: "kdplug: student_logits must be [N, V]")
-        torch._check(teacher_logits.shape == student_logits.shape,
-                     lambda: "kdplug: student_logits and teacher_logits must have the same shape")
-        torch._check(row_mask.dim() == 1 and row_mask.shape[0] == student_logits.shape[0],
-                     lambda: "kdplug: row_mask must be [N]")
+        _check_rows_fake(student_logits, teacher_logits, row_mask)
         return student_logits.new_empty((student_logits.shape[0], 2), dtype=torch.float64)
 
 

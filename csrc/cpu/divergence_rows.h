@@ -260,6 +260,25 @@ KDPLUG_INLINE double hsum(Vectorized<F> v) {
   return total;
 }
 
+// The largest / smallest lane (NaN lanes are skipped unless the first lane is NaN).
+template <class F>
+KDPLUG_INLINE F hmax(Vectorized<F> v) {
+  alignas(64) F a[Vectorized<F>::size()];
+  v.store(a);
+  F m = a[0];
+  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+
+template <class F>
+KDPLUG_INLINE F hmin(Vectorized<F> v) {
+  alignas(64) F a[Vectorized<F>::size()];
+  v.store(a);
+  F m = a[0];
+  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] < m ? a[i] : m;
+  return m;
+}
+
 template <class F>
 KDPLUG_INLINE void init_row(const RecipeDesc& d, const double* params, const double* token_weights, int64_t n,
                             RowConsts<F>* c) {
@@ -833,10 +852,7 @@ KDPLUG_INLINE bool row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& 
     if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
   });
   for (int x = 0; x < NX; ++x) {
-    alignas(64) F ms[Vec::size()];
-    mv[x].store(ms);
-    M[x] = ms[0];
-    for (int l = 1; l < Vec::size(); ++l) M[x] = std::max(M[x], ms[l]);
+    M[x] = hmax<F>(mv[x]);
     if (M[x] == neg_inf<F>()) M[x] = F(0);
     Mv[x] = Vec(M[x]);
   }

@@ -57,24 +57,6 @@ struct PackSum {
   double value() const { return total + hsum<F>(z); }
 };
 
-template <class F>
-KDPLUG_INLINE F hmax(Vectorized<F> v) {
-  alignas(64) F a[Vectorized<F>::size()];
-  v.store(a);
-  F m = a[0];
-  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] > m ? a[i] : m;
-  return m;
-}
-
-template <class F>
-KDPLUG_INLINE F hmin(Vectorized<F> v) {
-  alignas(64) F a[Vectorized<F>::size()];
-  v.store(a);
-  F m = a[0];
-  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] < m ? a[i] : m;
-  return m;
-}
-
 // An online log-sum-exp per lane (as VecLse) that keeps the count c of entries at the lane's
 // maximum m apart from r, the sum of exp(x - m) over the others: a new maximum moves the old
 // one's c into r (rescaled, (r + c) e^(m_old - m_new)). r is folded into rt every 64 packs.
@@ -182,10 +164,10 @@ void head_tail_row(const scalar_t* s, const scalar_t* t, int64_t V, compute_t<sc
     top_t.add(xt);
   });
   double log_z_s, log_z_t;
-  const Vec m_s(top_s.value(&log_z_s)), m_t(top_t.value(&log_z_t));
+  const F max_s = top_s.value(&log_z_s), max_t = top_t.value(&log_z_t);
   // An all -inf, +inf or NaN side: divergence_fwd rejects the row (it raises, naming it); the
   // weights are never used.
-  if (!std::isfinite(log_z_s + hmax<F>(m_s)) || !std::isfinite(log_z_t + hmax<F>(m_t))) {
+  if (!std::isfinite(log_z_s + max_s) || !std::isfinite(log_z_t + max_t)) {
     w[0] = w[1] = 0.5;
     return;
   }
@@ -194,7 +176,7 @@ void head_tail_row(const scalar_t* s, const scalar_t* t, int64_t V, compute_t<sc
   // key +-0, the smallest p, last in index order, so they change no sum and no tie's rank.
   PackSum<F> mass, gap_total;
   Vec kmax(std::numeric_limits<F>::lowest()), kmin(std::numeric_limits<F>::max());
-  const Vec lz_s(static_cast<F>(log_z_s)), lz_t(static_cast<F>(log_z_t));
+  const Vec m_s(max_s), m_t(max_t), lz_s(static_cast<F>(log_z_s)), lz_t(static_cast<F>(log_z_t));
   row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     const Vec lp = (xt - m_t) - lz_t, lq = (xs - m_s) - lz_s;
     const Vec P = O::exp(lp), Q = O::exp(lq);
@@ -224,7 +206,8 @@ void head_tail_row(const scalar_t* s, const scalar_t* t, int64_t V, compute_t<sc
   // the candidates, the keys in (lo, hi] (the first: all keys), and writes the two halves at tau
   // apart (those >= tau from the front of the output list, those < tau from its back), so the
   // next step reads the half its bracket kept: the row once, then lists that shrink geometrically.
-  F lo = hmin<F>(kmin), hi = hmax<F>(kmax);
+  const F key_max = hmax<F>(kmax);
+  F lo = hmin<F>(kmin), hi = key_max;
   double upper_mass = 0;  // S(> hi)
   const F* list = keys;
   int64_t n = Vp;
@@ -271,7 +254,7 @@ void head_tail_row(const scalar_t* s, const scalar_t* t, int64_t V, compute_t<sc
 
   // The gap sums: keys above v are in the prefix, keys below it out; v's ties in index order.
   const double v_mass = static_cast<double>(descending ? v : -v);
-  const bool top1 = descending && v == hmax<F>(kmax);  // nothing above v: v's first entry is the head
+  const bool top1 = descending && v == key_max;  // nothing above v: v's first entry is the head
   PackSum<F> in_gap, out_gap;
   double ties_in = 0, ties_out = 0, running = upper_mass;
   bool first = true;
