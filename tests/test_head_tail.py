@@ -204,3 +204,25 @@ def test_third_party_recipe_with_head_tail_weights():
     w = ref.akl_weights(lp, lq, 0.3, "official")
     want = w[:, 0] * 0.5 * (lp.exp() - lq.exp()).abs().sum(-1) + w[:, 1] * 0.5 * (lq.exp() * (lq - lp)).sum(-1)
     torch.testing.assert_close(losses["compiled"][0].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_akl_without_the_extension_takes_the_pytorch_weights(monkeypatch):
+    """With the compiled ops missing, AKL's auto backend computes its weights in PyTorch (the op is
+    never called) and gives the PyTorch path's loss."""
+    s, t = rows("random", 4, 50, seed=8)
+    s, t = s.float(), t.float()
+    want = kdplug.get("akl", backend="torch", reduction="none")(s, t)
+    monkeypatch.setattr(_ops, "HAS_OPS", False)
+    monkeypatch.setattr(_extension, "has_ops", lambda: False)
+    monkeypatch.setattr(_extension, "why_not", lambda: "the compiled extension kdplug._C could not be loaded (test)")
+    _extension.warn_fallback.cache_clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("head_tail_weights op called without the extension")
+
+    monkeypatch.setattr(_ops, "head_tail_weights", refuse)
+    assert not _ops.has_head_tail_kernel(s, t)
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        got = kdplug.get("akl", reduction="none")(s, t)
+    _extension.warn_fallback.cache_clear()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
