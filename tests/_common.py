@@ -87,16 +87,19 @@ CASES = [(name, params) for name in sorted(m.name for m in kdplug.list_methods()
 CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for name, p in CASES]
 
 
-# Whether divergence_fwd_grad computes a recipe's gradient from the forward's own exps
-# (csrc/cpu/divergence_rows.h: every recipe without a mixture and without an AB term, and the
-# logit-space ones, a detached geometric mixture with KL / CE terms). That gradient rounds a few ulp
-# away from divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
+# Whether divergence_fwd_grad may compute a recipe's gradient from the forward's own exps
+# (csrc/cpu/divergence_rows.h: every recipe without a mixture and without an AB term; the
+# logit-space ones, a detached geometric mixture with KL / CE terms; and, in float32 and bfloat16,
+# the arithmetic mixture's KL(p||r) / KL(q||r) terms). That gradient rounds a few ulp away from
+# divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
 def kept_exps(name, params) -> bool:
     recipe = kdplug.get(name, **params).recipe
     assistant = recipe.assistant
     kinds = [term.divergence.name for term in recipe.terms]
     if assistant is None:
         return "AB" not in kinds
+    if assistant.alpha == -1.0:
+        return all(k == "KL" and term.rhs.value == "assistant" for k, term in zip(kinds, recipe.terms))
     return assistant.alpha == 1.0 and assistant.detach and all(k in ("KL", "CE") for k in kinds)
 
 

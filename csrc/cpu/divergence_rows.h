@@ -22,8 +22,9 @@
 //            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
 //   forward + gradient (divergence_fwd_grad, eager training): per row, the forward's passes then
 //            the gradient pass while the row is in cache (forward_backward_rows); the recipes
-//            without a mixture or with a detached geometric one find the maxima first and keep
-//            their exps (forward_grad_row_logit, forward_grad_row_nomix).
+//            without a mixture, with a detached geometric one, or with the arithmetic one and KL
+//            terms keep their exps and take the gradient from them (forward_grad_row_logit,
+//            forward_grad_row_nomix, forward_grad_row_arith).
 // The single-term recipes of the built-in methods also get instances with the term fixed at
 // compile time (dispatch_recipe); every other recipe runs the same loops with its terms read at
 // run time.
@@ -422,15 +423,16 @@ struct ArithKL {
   Vec e[2], h_q, h_r, Q, inv_R;
 };
 
-// The terms (pinned by SIG) at one pack: their elements, h^q, h^r, Q and 1/R (0 where R = 0).
+// The terms (pinned by SIG) at one pack, given P = e^lp and Q = e^lq: their elements, h^q, h^r, Q
+// and 1/R (0 where R = 0).
 template <int SIG, bool NEED_E, class Vec, class F>
-KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, typename Ops<Vec>::Mask keep) {
+KDPLUG_INLINE ArithKL<Vec> arith_kl_of(const RowConsts<F>& c, Vec lp, Vec lq, Vec P, Vec Q,
+                                       typename Ops<Vec>::Mask keep) {
   using O = Ops<Vec>;
   constexpr bool HAS_P = SIG != sig_of(KL, STUDENT, ASSISTANT);  // a KL(p||r) term
   constexpr bool HAS_Q = SIG != sig_of(KL, TEACHER, ASSISTANT);  // a KL(q||r) term
   constexpr int IQ = HAS_P ? 1 : 0;                              // its index
   const Vec zero(F(0));
-  const Vec P = O::exp(lp), Q = O::exp(lq);
   const Vec R = Vec(c.lam) * P + Vec(F(1) - c.lam) * Q;
   const auto R0 = O::eq(R, zero);
   ArithKL<Vec> out;
@@ -450,6 +452,11 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
     out.h_r = out.h_r + Vec(c.coef[IQ]) * O::select(keep, O::neg(Q), zero);
   }
   return out;
+}
+
+template <int SIG, bool NEED_E, class Vec, class F>
+KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, typename Ops<Vec>::Mask keep) {
+  return arith_kl_of<SIG, NEED_E>(c, lp, lq, Ops<Vec>::exp(lp), Ops<Vec>::exp(lq), keep);
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -831,7 +838,7 @@ inline void store_fence() {
 #endif
 }
 
-// Pass A of the rows whose exps are kept: each operand's maximum M over the row (t/T, s/T, and the
+// Pass A of forward_grad_row_logit: each operand's maximum M over the row (t/T, s/T, and the
 // geometric mixture's g with GEO), no transcendental. An operand that is -inf everywhere gets
 // M = 0: its w = exp(x - M) are 0 and Z = 0 (log-sum-exp -inf). NaN or +inf entries (a max may
 // drop a NaN) make a w and so Z NaN: the caller rejects the row. Returns whether some entry of
@@ -1066,20 +1073,122 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   return passes_b_c(std::false_type{});
 }
 
+// The kept exps of both sides of a row (row_exps) and the factors that make them probabilities.
+// Segment j covers entries [start[j], start[j + 1]); its exps were taken relative to reference
+// maxima ref[TEACHER][j], ref[STUDENT][j], and row_exps turns those into the scales
+//   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F)
+// so that P = w_t scale[TEACHER][j] and Q = w_s scale[STUDENT][j].
+// NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
+// exp(ref - M) / Z): then P and lp = x - lse agree to an entry's own rounding. 1 / Z is off from
+// exp(M - lse) by lse's rounding (~1e-6 at |lse| ~ 20 in float32) in the same direction at every
+// entry, and a loss such as sum P (lp - log R) (gJSD, SKL) took that offset whole: 1e-3 of a
+// small row's value.
+template <class F>
+struct KeptScales {
+  std::vector<int64_t> start;
+  std::vector<F> scale[2];  // the reference maxima until row_exps is done
+};
+
+// The scales of the segment holding entry k, for a pass that visits k in increasing order.
+template <class F>
+struct ScaleCursor {
+  using Vec = Vectorized<F>;
+  const KeptScales<F>& ks;
+  size_t j = 0;
+  int64_t next = 0;
+  Vec p, q;  // P = w_t p, Q = w_s q
+
+  explicit ScaleCursor(const KeptScales<F>& ks_) : ks(ks_) { load(0); }
+  KDPLUG_INLINE void seek(int64_t k) {
+    while (C10_UNLIKELY(k >= next)) load(j + 1);
+  }
+  void load(size_t i) {
+    j = i;
+    p = Vec(ks.scale[TEACHER][j]);
+    q = Vec(ks.scale[STUDENT][j]);
+    next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
+  }
+};
+
+// The one read of the rows that keep the exps of both sides (forward_grad_row_nomix, _arith):
+// w_t = exp(t/T - m_t), w_s = exp(s/T - m_s) stored per entry (the last pack's padding: 0), Z = sum
+// of the w, c->lse_t, c->lse_s = m + log Z (-inf where Z = 0; NaN or +inf entries make them
+// non-finite, for the caller to reject the row) and the scales of the kept exps.
+// m is each side's running maximum (over all lanes): where a pack holds a larger entry, m moves to
+// it, Z is rescaled, and a new segment of scales begins. Each exp is final when it is taken, so the
+// maxima need no pass of their own before it (the pass that reads the rows from memory also takes
+// the exps), and an entry near the row's maximum is taken relative to it or to a value close to it,
+// as exactly as against the maximum itself. A row in random order has ~ln(V / W) segments per
+// side; an ascending one, one per pack (2 scalar exps more a pack). The start is the lowest finite
+// value: a -inf entry's exp is 0, never exp(-inf + inf).
+template <class scalar_t, class F>
+KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t>& next, F* w_t, F* w_s,
+                            RowConsts<F>* c, KeptScales<F>* ks) {
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  const Vec zero(F(0));
+  F m[2] = {std::numeric_limits<F>::lowest(), std::numeric_limits<F>::lowest()};
+  Vec mv[2] = {Vec(m[0]), Vec(m[1])};
+  Vec z[2] = {zero, zero}, zt[2] = {zero, zero};
+  ks->start.assign(1, 0);
+  ks->scale[TEACHER].assign(1, m[TEACHER]);
+  ks->scale[STUDENT].assign(1, m[STUDENT]);
+  int packs = 0;
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    next.fetch(k);
+    if (C10_UNLIKELY(O::any(O::gt(xt, mv[TEACHER])) || O::any(O::gt(xs, mv[STUDENT])))) {
+      const Vec x[2] = {xt, xs};  // TEACHER, STUDENT
+      for (int side = 0; side < 2; ++side) {
+        if (!O::any(O::gt(x[side], mv[side]))) continue;
+        const F m2 = hmax<F>(x[side]);
+        const Vec f(std::exp(m[side] - m2));
+        z[side] = z[side] * f;
+        zt[side] = zt[side] * f;
+        m[side] = m2;
+        mv[side] = Vec(m2);
+      }
+      if (ks->start.back() != k) {
+        ks->start.push_back(k);
+        ks->scale[TEACHER].push_back(F(0));
+        ks->scale[STUDENT].push_back(F(0));
+      }
+      ks->scale[TEACHER].back() = m[TEACHER];
+      ks->scale[STUDENT].back() = m[STUDENT];
+    }
+    const Vec et = O::exp(xt - mv[TEACHER]), es = O::exp(xs - mv[STUDENT]);
+    et.store(w_t + k);
+    es.store(w_s + k);
+    z[TEACHER] = z[TEACHER] + et;
+    z[STUDENT] = z[STUDENT] + es;
+    if (++packs == 64) {
+      fold_sums<0, 2>(z, zt, static_cast<LaneSums<F>*>(nullptr), static_cast<LaneSums<F>*>(nullptr));
+      packs = 0;
+    }
+  });
+  for (int x = 0; x < 2; ++x) {
+    const double Z = hsum(zt[x] + z[x]);
+    const F lse = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z));
+    (x == TEACHER ? c->lse_t : c->lse_s) = lse;
+    for (F& r : ks->scale[x]) r = static_cast<F>(std::exp(static_cast<double>(r) - static_cast<double>(lse)));
+  }
+}
+
 // ---- forward and gradient of a row without a mixture: each exp once ----------------------------
-// divergence_fwd_grad (and, with grad == nullptr, divergence_fwd without pass D) for the recipes
+// divergence_fwd_grad (and, with grad == nullptr, divergence_fwd without pass 3) for the recipes
 // with no assistant and no AB term that forward_grad_row_logit does not take (TVD, a third party's
 // mix of KL / CE / TVD terms), the same way:
-//   pass A  M_t, M_s (row_maxima)
-//   pass B  w_t = exp(t/T - M_t), w_s = exp(s/T - M_s) kept per entry, Z_t, Z_s, the LSEs
-//   pass C  P = w_t / Z_t, Q = w_s / Z_s, lp = t/T - lse_t, lq = s/T - lse_s: the terms' elements
+//   pass 1  w_t, w_s kept per entry, the LSEs and the kept exps' scales (row_exps: one read)
+//   pass 2  P = w_t scale_t, Q = w_s scale_s, lp = t/T - lse_t, lq = s/T - lse_s: the terms' elements
 //           with P and Q given (terms_at: KL, CE and TVD compute no exp),
 //           the loss sums and U = sum h^q; h^q kept per entry (over w_t, not read again), 0 where
-//           s = -inf (TVD: computed again in pass D instead, see below)
-//   pass D  grad = scale (h^q - Q U)
-// TVD: 2 exps per entry where divergence_fwd + _bwd make 5 (and under "exact" pass C reads no
-// logits: its element needs only P and Q). P = w / Z rounds differently from
-// exp(x - lse): the values agree with divergence_fwd / _bwd's to a few ulp, as forward_grad_row_logit.
+//           s = -inf (TVD: computed again in pass 3 instead, see below)
+//   pass 3  grad = scale (h^q - Q U)
+// TVD: 2 exps per entry where divergence_fwd + _bwd make 5 (and under "exact" pass 2 reads no
+// logits: its element needs only P and Q). P = w scale rounds differently from exp(x - lse): the
+// values agree with divergence_fwd / _bwd's to a few ulp, as forward_grad_row_logit's. (With the
+// maxima in a pass of their own before the exps, TVD took 195-217 ms for divergence_fwd_grad and
+// 170-178 ms for divergence_fwd, against 175-181 and 150-165 ms with row_exps: Xeon, N = 2048,
+// V = 128256 fp32.)
 template <class scalar_t, int SIG>
 void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
                             compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
@@ -1106,49 +1215,24 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   F* w_t = kept.data();  // then h^q (with a gradient to compute)
   F* w_s = kept.data() + Vp;
 
-  F M[2];
-  Vec Mv[2];
-  row_maxima<false>(row, c, M, Mv);
-
-  // pass B: the exps and the normalizers
-  Vec z[2] = {zero, zero}, zt[2] = {zero, zero};
-  int packs = 0;
   // NB: only a next row that fits kPrefetchBytes whole: part of a longer one costs these passes
   // (which read the row again from the kept exps) more than it saves. TVD, Xeon, fp32, forward
   // only / training, none vs the first 512 KiB: N = 2048, V = 128256  154 vs 164 / 194 vs 194 ms;
   // N = 8192, V = 32000 (the whole next row fits)  146 vs 110 / 175 vs 140 with none vs whole.
   const bool fits = 2 * a.V * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchBytes;
-  const NextRow<scalar_t> next(a, n, prefetch_next && fits);
-  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    next.fetch(k);
-    const Vec et = O::exp(xt - Mv[TEACHER]), es = O::exp(xs - Mv[STUDENT]);
-    et.store(w_t + k);
-    es.store(w_s + k);
-    z[TEACHER] = z[TEACHER] + et;
-    z[STUDENT] = z[STUDENT] + es;
-    if (++packs == 64) {
-      fold_sums<0, 2>(z, zt, static_cast<LaneSums<F>*>(nullptr), static_cast<LaneSums<F>*>(nullptr));
-      packs = 0;
-    }
-  });
-  double Z[2];
-  for (int x = 0; x < 2; ++x) {
-    Z[x] = hsum(zt[x] + z[x]);
-    const F lse = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
-    (x == TEACHER ? c.lse_t : c.lse_s) = lse;
-  }
+  thread_local KeptScales<F> ks;
+  row_exps(row, NextRow<scalar_t>(a, n, prefetch_next && fits), w_t, w_s, &c, &ks);
   if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
     report_bad_row(bad_row, n, std::isfinite(c.lse_s));
     no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
     return;
   }
 
-  // pass C: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing)
-  const Vec inv_Zt(static_cast<F>(1.0 / Z[TEACHER])), inv_Zs(static_cast<F>(1.0 / Z[STUDENT]));
+  // pass 2: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing)
   Vec e_acc[kMaxTerms], u_acc = zero;
   for (int i = 0; i < kMaxTerms; ++i) e_acc[i] = zero;
   double e_tot[kMaxTerms] = {}, U = 0;
-  packs = 0;
+  int packs = 0;
   auto fold = [&]() KDPLUG_LAMBDA_INLINE {
     for (int i = 0; i < c.n_terms; ++i) {
       e_tot[i] += hsum(e_acc[i]);
@@ -1159,16 +1243,19 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
     packs = 0;
   };
   // TVD under "exact": its element reads neither log nor mask, and its h^q = coef Q (...) is 0
-  // where s = -inf (Q = 0); it is a few operations on P and Q, so pass D computes it again rather
-  // than pass C storing it (an extra store stream: 382 vs 346 ms at N = 2048, V = 128256 fp32, AVX2)
+  // where s = -inf (Q = 0); it is a few operations on P and Q, so pass 3 computes it again rather
+  // than pass 2 storing it (an extra store stream: 382 vs 346 ms at N = 2048, V = 128256 fp32, AVX2)
   const bool tvd_exact = SIG == sig_of(TVD, TEACHER, STUDENT) && !c.exclude;
-  auto h_q_at = [&](auto with_loss, int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {  // (adds e to e_acc)
-    const Probs<Vec> pq{Vec::loadu(w_t + k) * inv_Zt, Vec::loadu(w_s + k) * inv_Zs};
+  auto h_q_at = [&](auto with_loss, const ScaleCursor<F>& f, int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    // (adds e to e_acc)
+    const Probs<Vec> pq{Vec::loadu(w_t + k) * f.p, Vec::loadu(w_s + k) * f.q};
     return terms_at<decltype(with_loss)::value, NT>(c, logs_at<MIX_NONE>(c, xs, xt), keep_at(c, xs, xt), e_acc, &pq)
         .q;
   };
+  ScaleCursor<F> f_c(ks);
   auto entry = [&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    const Vec h_q = h_q_at(std::true_type{}, k, xs, xt);
+    f_c.seek(k);
+    const Vec h_q = h_q_at(std::true_type{}, f_c, k, xs, xt);
     u_acc = u_acc + h_q;
     if (!tvd_exact && g_row != nullptr) O::select(O::eq(xs, ninf), zero, h_q).store(w_t + k);
     if (++packs == 64) fold();
@@ -1190,13 +1277,142 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
     return;
   }
 
-  // pass D: the gradient (no transcendental)
+  // pass 3: the gradient (no transcendental)
   const Vec Uv(static_cast<F>(U)), sc(scale);
   const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+  ScaleCursor<F> f_d(ks);
   for (int64_t k = 0; k < a.V; k += W) {
-    const Vec Q = Vec::loadu(w_s + k) * inv_Zs;
-    const Vec u = tvd_exact ? h_q_at(std::false_type{}, k, zero, zero) : Vec::loadu(w_t + k);
+    f_d.seek(k);
+    const Vec Q = Vec::loadu(w_s + k) * f_d.q;
+    const Vec u = tvd_exact ? h_q_at(std::false_type{}, f_d, k, zero, zero) : Vec::loadu(w_t + k);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
+  }
+}
+
+// ---- forward and gradient of an arithmetic-mixture KL row: each exp once -------------------------
+// divergence_fwd_grad for the recipes of arith_kl_at (r = lam p + (1 - lam) q with KL(p||r) and / or
+// KL(q||r): skl, srkl, gjsd, distillm2's two sides). forward_rows' passes and the gradient pass make
+// 5 exps, a log and a division per entry (the LSEs' 2 exps, arith_kl_at's P and Q, the gradient's
+// q); here P and Q are the normalizers' own exps, kept:
+//   pass 1  w_t, w_s kept per entry, the LSEs and the kept exps' scales (row_exps: one read)
+//   pass 2  P = w_t scale_t, Q = w_s scale_s, lp and lq from the logits: arith_kl_of's elements, h^q,
+//           h^r and w h^r = (1 - lam) Q h^r / R; the loss sums, H^r and U (forward_rows' pass 3);
+//           v = h^q + w h^r kept over w_t (0 where s = -inf). A pack with a log-probability in
+//           (-inf, -85) takes the general formulas, as in forward_rows.
+//   pass 3  grad = scale ((v - H^r w r) - Q U), grouped as grad_at, with w r = (1 - lam) Q: no
+//           transcendental
+// 2 exps, a log and a division per entry. P = w scale rounds differently from exp(x - lse): the
+// values agree with divergence_fwd / _bwd's to a few ulp, as forward_grad_row_logit's (where U and
+// H^r are large, to a few ulp of those terms: see tests/test_compiled.py). Xeon, N = 2048,
+// V = 128256 fp32, divergence_fwd_grad, forward_rows' passes vs these (in-process A/B): gJSD
+// 367-425 vs 266-277 ms, SRKL 351-358 vs 255-275, SKL 344 vs 248.
+template <class scalar_t, int SIG>
+void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<scalar_t>* grad_scale,
+                            compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, scalar_t* grad,
+                            std::atomic<int64_t>* bad_row, std::vector<compute_t<scalar_t>>& kept,
+                            bool prefetch_next) {
+  static_assert(kArithKL<SIG>, "the arithmetic mixture's KL terms only");
+  using F = compute_t<scalar_t>;
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  constexpr int W = Vec::size();
+  const Vec zero(F(0)), ninf(neg_inf<F>());
+  F* st_out = stats + n * kStats;
+  scalar_t* g_row = grad + n * a.V;
+  if (!a.row_mask[n * a.mask_stride]) {
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/false);
+    return;
+  }
+  RowConsts<F> c;
+  init_row(a.desc, a.params, a.token_weights, n, &c);
+  pin_terms<SIG>(c);
+  const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
+  const int64_t Vp = padded<W>(a.V);
+  if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
+  F* w_t = kept.data();  // then v
+  F* w_s = kept.data() + Vp;
+
+  thread_local KeptScales<F> ks;
+  row_exps(row, NextRow<scalar_t>(a, n, false), w_t, w_s, &c, &ks);
+  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
+    return;
+  }
+
+  // pass 2 (compute-bound: a log and a division an entry; it asks for the next row meanwhile)
+  const Vec q_weight(F(1) - c.lam);
+  Vec e_acc[kMaxTerms];
+  for (int i = 0; i < kMaxTerms; ++i) e_acc[i] = zero;
+  StatAcc<Vec> acc{zero, zero, zero, zero};
+  double e_tot[kMaxTerms] = {}, h_q = 0, h_r = 0, w_h_r = 0, w_r = 0;
+  int packs = 0;
+  auto fold = [&]() KDPLUG_LAMBDA_INLINE {
+    for (int i = 0; i < c.n_terms; ++i) {
+      e_tot[i] += hsum(e_acc[i]);
+      e_acc[i] = zero;
+    }
+    h_q += hsum(acc.h_q);
+    h_r += hsum(acc.h_r);
+    w_h_r += hsum(acc.w_h_r);
+    w_r += hsum(acc.w_r);
+    acc = StatAcc<Vec>{zero, zero, zero, zero};
+    packs = 0;
+  };
+  // (Xeon, N = 2048, V = 128256 fp32, no prefetch / the first 512 KiB / the whole next row: gJSD
+  // 277 / 265 / 266 ms, SRKL 269 / 255 / 257, SKL 255 / 248 / 250)
+  const NextRow<scalar_t> next(a, n, prefetch_next);
+  ScaleCursor<F> f_c(ks);
+  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+    next.fetch(k);
+    f_c.seek(k);
+    const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+    const auto keep = keep_at(c, xs, xt);
+    Vec v;
+    if (C10_LIKELY(arith_in_range(lp, lq))) {
+      const auto t = arith_kl_of<SIG, true>(c, lp, lq, Vec::loadu(w_t + k) * f_c.p, Vec::loadu(w_s + k) * f_c.q,
+                                            keep);
+      e_acc[0] = e_acc[0] + t.e[0];
+      if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
+      acc.h_q = acc.h_q + t.h_q;
+      v = t.h_q;
+      if (c.live_assistant) {
+        const Vec wq = q_weight * t.Q;  // w r
+        const Vec wh = wq * t.h_r * t.inv_R;
+        acc.h_r = acc.h_r + t.h_r;
+        acc.w_h_r = acc.w_h_r + wh;
+        acc.w_r = acc.w_r + wq;
+        v = v + wh;
+      }
+    } else {
+      const Logs<Vec> L = logs_at<MIX_ARITHMETIC>(c, xs, xt);
+      const H<Vec> h = terms_at<true>(c, L, keep, e_acc);
+      v = h.q + stats_at(c, L, h, &acc).w_h_r;
+    }
+    O::select(O::eq(xs, ninf), zero, v).store(w_t + k);
+    if (++packs == 64) fold();
+  });
+  fold();
+  double total = 0;
+  for (int i = 0; i < c.n_terms; ++i)
+    if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
+  const double U = h_q + w_h_r - h_r * w_r;
+  store_row(loss + n, st_out, c, total, h_r, U);
+  const F scale = grad_scale[n] / c.T;
+  if (scale == F(0)) {  // no incoming gradient: exactly 0
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return;
+  }
+
+  // pass 3: the gradient. mul0: exactly 0 where s = -inf (Q = 0 and v = 0) whatever U is.
+  const Vec Hw(static_cast<F>(c.live_assistant ? h_r : 0.0)), Uv(static_cast<F>(U)), sc(scale);
+  const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+  ScaleCursor<F> f_d(ks);
+  for (int64_t k = 0; k < a.V; k += W) {
+    f_d.seek(k);
+    const Vec Q = Vec::loadu(w_s + k) * f_d.q;
+    const Vec u = Vec::loadu(w_t + k) - mul0(q_weight * Q, Hw);
+    store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - mul0(Q, Uv)) * sc);
   }
 }
 
@@ -1282,7 +1498,9 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 //     2-pass forward and backward_rows' pass;
 //   * the other recipes without a mixture and without AB terms (tvd, third-party terms):
 //     forward_grad_row_nomix, the same way (maxima, exps kept, elements from them);
-//   * the rest (abkd, gjsd, skl, srkl, amid, distillm2): forward_rows keeps each entry's
+//   * the arithmetic mixture with KL terms on r (skl, srkl, gjsd, distillm2's sides; float and
+//     bfloat16, whose instances pin the terms): forward_grad_row_arith, the same way;
+//   * the rest (abkd, amid, and the above in float64 / float16): forward_rows keeps each entry's
 //     v = h^q + w h^r and w r (KEEP) in a per-thread
 //     scratch row (2 V floats), and the gradient pass is
 //         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
@@ -1354,6 +1572,10 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         forward_grad_row_nomix<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
         continue;
       }
+    }
+    if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
+      forward_grad_row_arith<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+      continue;
     }
     if (!one_pass) {
       if (kept.size() < static_cast<size_t>(2 * Vp)) kept.resize(static_cast<size_t>(2 * Vp));
