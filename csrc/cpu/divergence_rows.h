@@ -11,8 +11,8 @@
 //            fkl, rkl, symmetric_kl, akl, taid): ONE pass, the loss streamed with the online
 //            log-sum-exps (forward_rows_fused)
 //   forward, the other recipes without a mixture or AB term (tvd, third-party KL / CE / TVD
-//            mixes): maxima, then each exp once, kept, then the elements from them
-//            (forward_grad_row_nomix without its gradient pass)
+//            mixes): each exp once, kept, in the read of the logits, then the elements from
+//            them (forward_grad_row_nomix without its gradient pass)
 //   forward, any other recipe (forward_rows):
 //            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
 //            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z),
@@ -838,63 +838,88 @@ inline void store_fence() {
 #endif
 }
 
-// Pass A of forward_grad_row_logit: each operand's maximum M over the row (t/T, s/T, and the
-// geometric mixture's g with GEO), no transcendental. An operand that is -inf everywhere gets
-// M = 0: its w = exp(x - M) are 0 and Z = 0 (log-sum-exp -inf). NaN or +inf entries (a max may
-// drop a NaN) make a w and so Z NaN: the caller rejects the row. Returns whether some entry of
-// s/T or t/T is -inf (the padding of the last pack aside): a row without one needs none of the
-// zero rules' masks (forward_grad_row_logit's CLEAN passes).
-template <bool GEO, class scalar_t, class F>
-KDPLUG_INLINE bool row_maxima(const RowView<scalar_t>& row, const RowConsts<F>& c, F* M, Vectorized<F>* Mv) {
+// The kept exps of a row (row_exps, forward_grad_row_logit) and the factors that make them
+// probabilities. Segment j covers entries [start[j], start[j + 1]); its exps of operand X were taken
+// relative to the reference maximum ref[X][j], and the pass turns those into the scales
+//   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F; 0 where lse_X = -inf)
+// so that P = w_t scale[TEACHER][j], Q = w_s scale[STUDENT][j] (and r = w_g scale[ASSISTANT][j]).
+// NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
+// exp(ref - M) / Z): then P and lp = x - lse agree to an entry's own rounding. 1 / Z is off from
+// exp(M - lse) by lse's rounding (~1e-6 at |lse| ~ 20 in float32) in the same direction at every
+// entry, and a loss such as sum P (lp - log R) (gJSD, SKL) took that offset whole: 1e-3 of a
+// small row's value.
+template <class F>
+struct KeptScales {
+  std::vector<int64_t> start;
+  std::vector<F> scale[3];  // the reference maxima until the pass is done
+
+  void reset(int nx) {
+    start.assign(1, 0);
+    for (int x = 0; x < 3; ++x) scale[x].assign(x < nx ? 1 : 0, std::numeric_limits<F>::lowest());
+  }
+  // the references m[0 .. nx) from entry k on (the pass calls it where one of them moved)
+  void moved(int64_t k, const F* m, int nx) {
+    if (start.back() != k) {
+      start.push_back(k);
+      for (int x = 0; x < nx; ++x) scale[x].push_back(F(0));
+    }
+    for (int x = 0; x < nx; ++x) scale[x].back() = m[x];
+  }
+  void finish(const F* lse, int nx) {
+    for (int x = 0; x < nx; ++x)
+      for (F& r : scale[x])
+        r = lse[x] == neg_inf<F>() ? F(0)
+                                   : static_cast<F>(std::exp(static_cast<double>(r) - static_cast<double>(lse[x])));
+  }
+};
+
+// The scales of the segment holding entry k, for a pass that visits k in increasing order.
+template <class F>
+struct ScaleCursor {
   using Vec = Vectorized<F>;
-  using O = Ops<Vec>;
-  constexpr int NX = GEO ? 3 : 2;
-  Vec mv[NX];
-  for (int x = 0; x < NX; ++x) mv[x] = Vec(neg_inf<F>());
-  Vec lo(std::numeric_limits<F>::infinity());
-  row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    mv[TEACHER] = O::max(mv[TEACHER], xt);
-    mv[STUDENT] = O::max(mv[STUDENT], xs);
-    if constexpr (GEO) mv[ASSISTANT] = O::max(mv[ASSISTANT], geometric_mix(xt, xs, c.lam));
-    if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
-  });
-  for (int x = 0; x < NX; ++x) {
-    M[x] = hmax<F>(mv[x]);
-    if (M[x] == neg_inf<F>()) M[x] = F(0);
-    Mv[x] = Vec(M[x]);
+  const KeptScales<F>& ks;
+  size_t j = 0;
+  int64_t next = 0;
+  Vec f[3];  // P = w_t f[TEACHER], Q = w_s f[STUDENT], r = w_g f[ASSISTANT]
+
+  explicit ScaleCursor(const KeptScales<F>& ks_) : ks(ks_) { load(0); }
+  KDPLUG_INLINE void seek(int64_t k) {
+    while (C10_UNLIKELY(k >= next)) load(j + 1);
   }
-  bool ninf = O::any(O::eq(lo, Vec(neg_inf<F>())));
-  for (int64_t k = row.main_end; k < row.V; ++k) {  // the last pack's real entries
-    const int i = static_cast<int>(k - row.main_end);
-    ninf = ninf || static_cast<F>(row.s_tail[i]) * row.inv_T == neg_inf<F>() ||
-           static_cast<F>(row.t_tail[i]) * row.inv_T == neg_inf<F>();
+  void load(size_t i) {
+    j = i;
+    for (int x = 0; x < 3; ++x) f[x] = Vec(ks.scale[x].empty() ? F(0) : ks.scale[x][j]);
+    next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
   }
-  return ninf;
-}
+};
 
 // ---- forward and gradient of a logit-space row: each exp once -----------------------------------
 // divergence_fwd_grad for the recipes of forward_rows_fused. Their gradient needs the operands'
-// probabilities, and the forward computes the same exps, only relative to a running maximum that
-// may still grow. With the row's maxima found first, every exp is final and is kept:
-//   pass A  M_X = max_k x_X,k for each operand X (t/T, s/T, and g for TAID): no transcendental,
-//           the pass that reads the rows from memory
-//   pass B  w_X,k = exp(x_X,k - M_X), Z_X = sum_k w_X,k, lse_X = M_X + log Z_X, and the terms'
-//           sums of forward_rows_fused (all lanes relative to the same M: no rescaling); w of q,
-//           and of the lhs A of every term whose rhs is q, kept in a per-thread scratch row
-//   pass C  q = w_q / Z_q, P_A = w_A / Z_A and
+// probabilities, and the forward computes the same exps, so they are kept:
+//   pass B  (the one read of the rows from memory) w_X,k = exp(x_X,k - m_X) for each operand X
+//           (t/T, s/T, and g for TAID), m_X its running maximum (as row_exps: a new segment of
+//           scales where it moves, the sums so far rescaled), Z_X = sum_k w_X,k,
+//           lse_X = m_X + log Z_X, and the terms' sums of forward_rows_fused; w of q, and of the
+//           lhs A of every term whose rhs is q, kept in a per-thread scratch row
+//   pass C  Q = w_q scale_q, P_A = w_A scale_A (KeptScales) and
 //             u = sum_{rhs = q} coef (-P_A)                  (dQ of KL and CE; kept entries)
 //               + sum_{lhs = q} coef Q (lq - lB + 1)         (dP of KL; finite, kept entries)
 //             grad = scale (u - Q U),  0 where s = -inf
 //           (lq - lB from the logits, read again only when some term's lhs is q: rkl, symmetric KL)
 // One exp per operand and entry in all, where the one-pass forward and the backward's pass make
-// two: fkl, rkl, symmetric KL, AKL 4 -> 2 exps per entry, TAID 5 -> 3. P = w / Z rounds
+// two: fkl, rkl, symmetric KL, AKL 4 -> 2 exps per entry, TAID 5 -> 3. P = w scale rounds
 // differently from the backward's exp(x - lse): the gradient agrees with divergence_bwd's to a
 // few ulp, not bit for bit (a second backward recomputes with this op, see kdplug/_ops.py).
 //
-// A row with no -inf entry (pass A says so; most rows of a training batch) takes CLEAN passes B
-// and C, for the built-in recipes (SIG != 0): every entry is live and kept and none is a support
-// mismatch, so the masks go and each term's s and tq are Z_A itself (the masked sums add the same
-// w in the same order: the same bits). The last pack's -inf padding still takes the masked code.
+// A row with no -inf entry (most rows of a training batch) takes CLEAN passes, for the built-in
+// recipes (SIG != 0): every entry is live and kept and none is a support mismatch, so the masks go
+// and each term's s and tq are Z_A itself (the masked sums add the same w in the same order: the
+// same bits). Pass B cannot know before it reads the row: it takes the kind the thread's previous
+// row needed and reads a row again with the masks where the guess was wrong. The last pack's -inf
+// padding always takes the masked code.
+// (Before, a pass of its own found the maxima first: Xeon, N = 2048, V = 128256 fp32, in-process,
+// that build / this one: FKL 166-171 / 149-152 ms, RKL 167-172 / 162-170, symmetric KL 212-213 /
+// 207-210, TAID 196-201 / 161-167.)
 // Returns false, having written nothing, for a row whose |lse| exceeds kFusedLseLimit (the
 // caller recomputes it with the 2-pass forward and divergence_bwd's pass).
 template <class scalar_t, bool GEO, int NT, int SIG>
@@ -945,19 +970,27 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   if (static_cast<int64_t>(kept.size()) < n_kept * Vp) kept.resize(static_cast<size_t>(n_kept * Vp));
   F* kept_w = kept.data();
 
-  // pass A: the maxima
-  F M[NX];
-  Vec Mv[NX];
-  const bool has_ninf = row_maxima<GEO>(row, c, M, Mv);
-
-  auto passes_b_c = [&](auto clean_c) KDPLUG_LAMBDA_INLINE -> bool {
-    constexpr bool CLEAN = decltype(clean_c)::value;
-    // pass B: the exps, the normalizers and the terms' sums
-    Vec z[NX], zt[NX];
-    LaneSums<F> cur[NT], tot[NT];
-    for (int x = 0; x < NX; ++x) z[x] = zt[x] = zero;
-    for (int i = 0; i < NT; ++i) cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
-    bool mismatch[NT] = {};
+  // pass B: the one read of the logits. CLEAN_B: the sums without masks, for a row with no -inf
+  // entry (returns whether the row has one; the last pack's padding always takes the masks)
+  thread_local KeptScales<F> ks;
+  F m[NX];
+  Vec z[NX], zt[NX];
+  LaneSums<F> cur[NT], tot[NT];
+  bool mismatch[NT];
+  auto pass_b = [&](auto clean_b) KDPLUG_LAMBDA_INLINE -> bool {
+    constexpr bool CLEAN_B = decltype(clean_b)::value;
+    Vec mv[NX];
+    for (int x = 0; x < NX; ++x) {
+      m[x] = std::numeric_limits<F>::lowest();
+      mv[x] = Vec(m[x]);
+      z[x] = zt[x] = zero;
+    }
+    for (int i = 0; i < NT; ++i) {
+      cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
+      mismatch[i] = false;
+    }
+    ks.reset(NX);
+    Vec lo(std::numeric_limits<F>::infinity());
     int packs = 0;
     const NextRow<scalar_t> next(a, n, prefetch_next);
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
@@ -966,12 +999,31 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       x[TEACHER] = xt;
       x[STUDENT] = xs;
       if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
+      bool moved = false;
       for (int j = 0; j < NX; ++j) {
-        w[j] = O::exp(x[j] - Mv[j]);
+        if (C10_UNLIKELY(O::any(O::gt(x[j], mv[j])))) {  // the reference moves: rescale what was summed
+          const F m2 = hmax<F>(x[j]);
+          const Vec f(std::exp(m[j] - m2));
+          z[j] = z[j] * f;
+          zt[j] = zt[j] * f;
+          for (int i = 0; i < NT; ++i)
+            if (lhs[i] == j) {
+              cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
+              tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
+            }
+          m[j] = m2;
+          mv[j] = Vec(m2);
+          moved = true;
+        }
+      }
+      if (C10_UNLIKELY(moved)) ks.moved(k, m, NX);
+      for (int j = 0; j < NX; ++j) {
+        w[j] = O::exp(x[j] - mv[j]);
         z[j] = z[j] + w[j];
       }
       w[STUDENT].store(kept_w + k);
-      if (CLEAN && k < row.main_end) {  // add_term_sums without masks (s, tq: Z_A, below)
+      if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
+      if (CLEAN_B && k < row.main_end) {  // add_term_sums without masks (s, tq: Z_A, below)
         for (int i = 0; i < NT; ++i) cur[i].f = cur[i].f + w[lhs[i]] * (kl[i] ? x[lhs[i]] - x[rhs[i]] : x[rhs[i]]);
         for (int j = 1; j < n_kept; ++j) w[kept_of[j]].store(kept_w + j * Vp + k);
       } else {
@@ -986,61 +1038,93 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
         packs = 0;
       }
     });
-    double Z[NX];
-    F lse[NX];
-    for (int x = 0; x < NX; ++x) {
-      Z[x] = hsum(zt[x] + z[x]);
-      lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(M[x]) + std::log(Z[x]));
+    bool ninf_seen = O::any(O::eq(lo, ninf));
+    for (int64_t k = row.main_end; k < row.V; ++k) {  // the last pack's real entries
+      const int i = static_cast<int>(k - row.main_end);
+      ninf_seen = ninf_seen || static_cast<F>(row.s_tail[i]) * row.inv_T == neg_inf<F>() ||
+                  static_cast<F>(row.t_tail[i]) * row.inv_T == neg_inf<F>();
     }
-    c.lse_t = lse[TEACHER];
-    c.lse_s = lse[STUDENT];
-    if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-      report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-      no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
-      return true;
+    return ninf_seen;
+  };
+  // Which pass B to try first: the one the thread's previous row needed (the rows of a batch are
+  // alike: all without -inf, or all with a padded vocabulary's); a row guessed clean that has a
+  // -inf entry is read again with the masks. Both give the same bits, so the guess changes no value.
+  thread_local bool guess_ninf = false;
+  bool has_ninf, clean_b = false;
+  if constexpr (SIG != 0) {
+    if (!guess_ninf) {
+      has_ninf = pass_b(std::true_type{});
+      clean_b = !has_ninf;
+      if (has_ninf) pass_b(std::false_type{});
+    } else {
+      has_ninf = pass_b(std::false_type{});
     }
-    if constexpr (GEO) c.log_z = lse[ASSISTANT];
-    {
-      bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
-      if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
-      if (large) return false;
-    }
-    LogitTermSums sums[NT];
-    for (int i = 0; i < NT; ++i) {
-      const double s = CLEAN ? Z[lhs[i]] : hsum(tot[i].s + cur[i].s);
-      const double tq = CLEAN ? Z[lhs[i]] : hsum(tot[i].tq + cur[i].tq);
-      sums[i] = LogitTermSums{hsum(tot[i].f + cur[i].f), s, tq, mismatch[i]};
-    }
-    double total, U;
-    logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
-    store_row(loss + n, st_out, c, total, 0.0, U);
-    if (scale == F(0)) {  // no incoming gradient: exactly 0
-      std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
-      return true;
-    }
+    guess_ninf = has_ninf;
+  } else {
+    has_ninf = pass_b(std::false_type{});
+  }
 
-    // pass C: the gradient. coef_P[j]: -sum of coef / Z_A over the terms on q with lhs kept_of[j]
+  double Z[NX];
+  F lse[NX];
+  for (int x = 0; x < NX; ++x) {
+    Z[x] = hsum(zt[x] + z[x]);
+    lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z[x]));
+  }
+  c.lse_t = lse[TEACHER];
+  c.lse_s = lse[STUDENT];
+  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
+    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
+    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
+    return true;
+  }
+  if constexpr (GEO) c.log_z = lse[ASSISTANT];
+  {
+    bool large = std::abs(c.lse_s) > kFusedLseLimit<F> || std::abs(c.lse_t) > kFusedLseLimit<F>;
+    if constexpr (GEO) large = large || std::abs(c.log_z) > kFusedLseLimit<F>;
+    if (large) return false;
+  }
+  LogitTermSums sums[NT];
+  for (int i = 0; i < NT; ++i) {
+    const double s = clean_b ? Z[lhs[i]] : hsum(tot[i].s + cur[i].s);
+    const double tq = clean_b ? Z[lhs[i]] : hsum(tot[i].tq + cur[i].tq);
+    sums[i] = LogitTermSums{hsum(tot[i].f + cur[i].f), s, tq, mismatch[i]};
+  }
+  double total, U;
+  logit_row_loss<NT>(c, lhs, rhs, kl, sums, Z, lse, &total, &U);
+  store_row(loss + n, st_out, c, total, 0.0, U);
+  if (scale == F(0)) {  // no incoming gradient: exactly 0
+    std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
+    return true;
+  }
+  ks.finish(lse, NX);
+
+  auto pass_c = [&](auto clean_c) KDPLUG_LAMBDA_INLINE {
+    constexpr bool CLEAN = decltype(clean_c)::value;
+    // pass C: the gradient. coef_P[j]: -sum of coef over the terms on q with lhs kept_of[j]
+    // (P_A = w_A scale_A, 0 where the lhs is 0 everywhere: scale_A = 0)
     F coef_P[NX] = {};
     for (int i = 0; i < NT; ++i)
-      if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT && Z[lhs[i]] != 0.0)
-        coef_P[slot_of[lhs[i]]] -= static_cast<F>(c.coef[i] / Z[lhs[i]]);
-    const Vec inv_Zq(static_cast<F>(1.0 / Z[STUDENT])), Uv(static_cast<F>(U)), sc(scale);
+      if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT) coef_P[slot_of[lhs[i]]] -= c.coef[i];
+    const Vec Uv(static_cast<F>(U)), sc(scale);
     const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
+    ScaleCursor<F> f(ks);
     auto u_kept = [&](int64_t k) KDPLUG_LAMBDA_INLINE {
       Vec u = zero;
-      for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * Vec::loadu(kept_w + j * Vp + k);
+      for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * f.f[kept_of[j]] * Vec::loadu(kept_w + j * Vp + k);
       return u;
     };
     if (!q_lhs) {
       // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
       for (int64_t k = 0; k < a.V; k += W) {
-        const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+        f.seek(k);
+        const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
         store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
       }
-      return true;
+      return;
     }
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-      const Vec Q = Vec::loadu(kept_w + k) * inv_Zq;
+      f.seek(k);
+      const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
       const Vec lq = xs - Vec(c.lse_s);
       Vec u = u_kept(k);
       for (int i = 0; i < NT; ++i) {
@@ -1065,50 +1149,16 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       // (CLEAN: s > -inf but in the padding, which store_grad_pack does not store)
       store_grad_pack<scalar_t>(g_row, k, a.V, aligned, CLEAN ? gk : O::select(O::eq(xs, ninf), zero, gk));
     });
-    return true;
   };
   if constexpr (SIG != 0) {
-    if (!has_ninf) return passes_b_c(std::true_type{});
+    if (!has_ninf) {
+      pass_c(std::true_type{});
+      return true;
+    }
   }
-  return passes_b_c(std::false_type{});
+  pass_c(std::false_type{});
+  return true;
 }
-
-// The kept exps of both sides of a row (row_exps) and the factors that make them probabilities.
-// Segment j covers entries [start[j], start[j + 1]); its exps were taken relative to reference
-// maxima ref[TEACHER][j], ref[STUDENT][j], and row_exps turns those into the scales
-//   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F)
-// so that P = w_t scale[TEACHER][j] and Q = w_s scale[STUDENT][j].
-// NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
-// exp(ref - M) / Z): then P and lp = x - lse agree to an entry's own rounding. 1 / Z is off from
-// exp(M - lse) by lse's rounding (~1e-6 at |lse| ~ 20 in float32) in the same direction at every
-// entry, and a loss such as sum P (lp - log R) (gJSD, SKL) took that offset whole: 1e-3 of a
-// small row's value.
-template <class F>
-struct KeptScales {
-  std::vector<int64_t> start;
-  std::vector<F> scale[2];  // the reference maxima until row_exps is done
-};
-
-// The scales of the segment holding entry k, for a pass that visits k in increasing order.
-template <class F>
-struct ScaleCursor {
-  using Vec = Vectorized<F>;
-  const KeptScales<F>& ks;
-  size_t j = 0;
-  int64_t next = 0;
-  Vec p, q;  // P = w_t p, Q = w_s q
-
-  explicit ScaleCursor(const KeptScales<F>& ks_) : ks(ks_) { load(0); }
-  KDPLUG_INLINE void seek(int64_t k) {
-    while (C10_UNLIKELY(k >= next)) load(j + 1);
-  }
-  void load(size_t i) {
-    j = i;
-    p = Vec(ks.scale[TEACHER][j]);
-    q = Vec(ks.scale[STUDENT][j]);
-    next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
-  }
-};
 
 // The one read of the rows that keep the exps of both sides (forward_grad_row_nomix, _arith):
 // w_t = exp(t/T - m_t), w_s = exp(s/T - m_s) stored per entry (the last pack's padding: 0), Z = sum
@@ -1130,9 +1180,7 @@ KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t
   F m[2] = {std::numeric_limits<F>::lowest(), std::numeric_limits<F>::lowest()};
   Vec mv[2] = {Vec(m[0]), Vec(m[1])};
   Vec z[2] = {zero, zero}, zt[2] = {zero, zero};
-  ks->start.assign(1, 0);
-  ks->scale[TEACHER].assign(1, m[TEACHER]);
-  ks->scale[STUDENT].assign(1, m[STUDENT]);
+  ks->reset(2);
   int packs = 0;
   row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     next.fetch(k);
@@ -1147,13 +1195,7 @@ KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t
         m[side] = m2;
         mv[side] = Vec(m2);
       }
-      if (ks->start.back() != k) {
-        ks->start.push_back(k);
-        ks->scale[TEACHER].push_back(F(0));
-        ks->scale[STUDENT].push_back(F(0));
-      }
-      ks->scale[TEACHER].back() = m[TEACHER];
-      ks->scale[STUDENT].back() = m[STUDENT];
+      ks->moved(k, m, 2);
     }
     const Vec et = O::exp(xt - mv[TEACHER]), es = O::exp(xs - mv[STUDENT]);
     et.store(w_t + k);
@@ -1165,12 +1207,14 @@ KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t
       packs = 0;
     }
   });
+  F lse[2];
   for (int x = 0; x < 2; ++x) {
     const double Z = hsum(zt[x] + z[x]);
-    const F lse = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z));
-    (x == TEACHER ? c->lse_t : c->lse_s) = lse;
-    for (F& r : ks->scale[x]) r = static_cast<F>(std::exp(static_cast<double>(r) - static_cast<double>(lse)));
+    lse[x] = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z));
   }
+  c->lse_t = lse[TEACHER];
+  c->lse_s = lse[STUDENT];
+  ks->finish(lse, 2);
 }
 
 // ---- forward and gradient of a row without a mixture: each exp once ----------------------------
@@ -1248,7 +1292,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   const bool tvd_exact = SIG == sig_of(TVD, TEACHER, STUDENT) && !c.exclude;
   auto h_q_at = [&](auto with_loss, const ScaleCursor<F>& f, int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     // (adds e to e_acc)
-    const Probs<Vec> pq{Vec::loadu(w_t + k) * f.p, Vec::loadu(w_s + k) * f.q};
+    const Probs<Vec> pq{Vec::loadu(w_t + k) * f.f[TEACHER], Vec::loadu(w_s + k) * f.f[STUDENT]};
     return terms_at<decltype(with_loss)::value, NT>(c, logs_at<MIX_NONE>(c, xs, xt), keep_at(c, xs, xt), e_acc, &pq)
         .q;
   };
@@ -1283,7 +1327,7 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   ScaleCursor<F> f_d(ks);
   for (int64_t k = 0; k < a.V; k += W) {
     f_d.seek(k);
-    const Vec Q = Vec::loadu(w_s + k) * f_d.q;
+    const Vec Q = Vec::loadu(w_s + k) * f_d.f[STUDENT];
     const Vec u = tvd_exact ? h_q_at(std::false_type{}, f_d, k, zero, zero) : Vec::loadu(w_t + k);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
   }
@@ -1370,7 +1414,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
     const auto keep = keep_at(c, xs, xt);
     Vec v;
     if (C10_LIKELY(arith_in_range(lp, lq))) {
-      const auto t = arith_kl_of<SIG, true>(c, lp, lq, Vec::loadu(w_t + k) * f_c.p, Vec::loadu(w_s + k) * f_c.q,
+      const auto t = arith_kl_of<SIG, true>(c, lp, lq, Vec::loadu(w_t + k) * f_c.f[TEACHER], Vec::loadu(w_s + k) * f_c.f[STUDENT],
                                             keep);
       e_acc[0] = e_acc[0] + t.e[0];
       if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
@@ -1410,7 +1454,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
   ScaleCursor<F> f_d(ks);
   for (int64_t k = 0; k < a.V; k += W) {
     f_d.seek(k);
-    const Vec Q = Vec::loadu(w_s + k) * f_d.q;
+    const Vec Q = Vec::loadu(w_s + k) * f_d.f[STUDENT];
     const Vec u = Vec::loadu(w_t + k) - mul0(q_weight * Q, Hw);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - mul0(Q, Uv)) * sc);
   }
@@ -1493,11 +1537,11 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 // divergence_fwd_grad: each row's forward passes, then its gradient pass while the row is still in
 // cache (a row pair at V = 128k fp32 is 1 MB), with grad_scale as the incoming per-token gradient.
 //   * recipes with the one-pass forward (logit-space: fkl, rkl, symmetric_kl, akl, taid):
-//     forward_grad_row_logit (maxima, exps kept, gradient from the kept exps); the same values as
+//     forward_grad_row_logit (exps kept, gradient from the kept exps); the same values as
 //     divergence_fwd + divergence_bwd to a few ulp. A row with a large |lse| falls back to the
 //     2-pass forward and backward_rows' pass;
 //   * the other recipes without a mixture and without AB terms (tvd, third-party terms):
-//     forward_grad_row_nomix, the same way (maxima, exps kept, elements from them);
+//     forward_grad_row_nomix, the same way (exps kept, elements from them);
 //   * the arithmetic mixture with KL terms on r (skl, srkl, gjsd, distillm2's sides; float and
 //     bfloat16, whose instances pin the terms): forward_grad_row_arith, the same way;
 //   * the rest (abkd, amid, and the above in float64 / float16): forward_rows keeps each entry's
@@ -1725,8 +1769,8 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
   dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
     constexpr int MIX = decltype(mix)::value, SIG = decltype(sig)::value;
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes): maxima first, each exp
-      // once (forward_grad_row_nomix without its gradient pass; TVD 4 -> 2 exps an entry)
+      // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes): each exp once, kept
+      // (forward_grad_row_nomix without its gradient pass; TVD 4 -> 2 exps an entry)
       if constexpr (kNomixSig<MIX, SIG>) {
         if (!has_ab(d)) {
           std::vector<compute_t<scalar_t>> kept;
