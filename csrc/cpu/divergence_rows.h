@@ -1414,8 +1414,8 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
     const auto keep = keep_at(c, xs, xt);
     Vec v;
     if (C10_LIKELY(arith_in_range(lp, lq))) {
-      const auto t = arith_kl_of<SIG, true>(c, lp, lq, Vec::loadu(w_t + k) * f_c.f[TEACHER], Vec::loadu(w_s + k) * f_c.f[STUDENT],
-                                            keep);
+      const Vec P = Vec::loadu(w_t + k) * f_c.f[TEACHER], Q = Vec::loadu(w_s + k) * f_c.f[STUDENT];
+      const auto t = arith_kl_of<SIG, true>(c, lp, lq, P, Q, keep);
       e_acc[0] = e_acc[0] + t.e[0];
       if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
       acc.h_q = acc.h_q + t.h_q;
