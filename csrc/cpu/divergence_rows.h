@@ -650,6 +650,20 @@ KDPLUG_INLINE void fold_sums(Vectorized<F>* z, Vectorized<F>* zt, LaneSums<F>* c
   }
 }
 
+// Operand x's maximum moved: what was summed relative to it (its normalizer and the sums of the
+// terms with x on the left) times f = exp(old - new).
+template <int NT, class F>
+KDPLUG_INLINE void rescale_operand(int x, Vectorized<F> f, Vectorized<F>* z, Vectorized<F>* zt, const int* lhs,
+                                   LaneSums<F>* cur, LaneSums<F>* tot) {
+  z[x] = z[x] * f;
+  zt[x] = zt[x] * f;
+  for (int i = 0; i < NT; ++i)
+    if (lhs[i] == x) {
+      cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
+      tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
+    }
+}
+
 // A term's sums over the row, relative to its lhs's maximum: f = sum w (a - b) (KL) or sum w b
 // (CE) over the live entries, s = sum w over the live entries, tq = sum w over the kept entries
 // (read where rhs = q); mismatch: some entry has a > -inf = b.
@@ -739,14 +753,7 @@ void forward_rows_fused(const Args<scalar_t>& a, compute_t<scalar_t>* loss, comp
       for (int k = 0; k < NX; ++k) {
         if (C10_UNLIKELY(O::any(O::gt(x[k], m[k])))) {
           const Vec m2 = O::max(m[k], x[k]);
-          const Vec f = O::exp(m[k] - m2);
-          z[k] = z[k] * f;
-          zt[k] = zt[k] * f;
-          for (int i = 0; i < NT; ++i)
-            if (lhs[i] == k) {
-              cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
-              tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
-            }
+          rescale_operand<NT>(k, O::exp(m[k] - m2), z, zt, lhs, cur, tot);
           m[k] = m2;
         }
         w[k] = O::exp(x[k] - m[k]);
@@ -1003,14 +1010,7 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       for (int j = 0; j < NX; ++j) {
         if (C10_UNLIKELY(O::any(O::gt(x[j], mv[j])))) {  // the reference moves: rescale what was summed
           const F m2 = hmax<F>(x[j]);
-          const Vec f(std::exp(m[j] - m2));
-          z[j] = z[j] * f;
-          zt[j] = zt[j] * f;
-          for (int i = 0; i < NT; ++i)
-            if (lhs[i] == j) {
-              cur[i] = LaneSums<F>{cur[i].f * f, cur[i].s * f, cur[i].tq * f};
-              tot[i] = LaneSums<F>{tot[i].f * f, tot[i].s * f, tot[i].tq * f};
-            }
+          rescale_operand<NT>(j, Vec(std::exp(m[j] - m2)), z, zt, lhs, cur, tot);
           m[j] = m2;
           mv[j] = Vec(m2);
           moved = true;
@@ -1217,6 +1217,23 @@ KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t
   ks->finish(lse, 2);
 }
 
+// Pass 1 of a row that keeps both sides' exps (forward_grad_row_nomix, _arith): row_exps into
+// kept[0 .. V) (w_t) and kept[Vp .. Vp + V) (w_s), Vp = V rounded up to the pack size. Returns false
+// for a row with an all -inf, +inf or NaN side, reported for the op to raise, its outputs written
+// as no_loss_row does (g_row: its gradient row, or nullptr).
+template <class scalar_t, class F>
+bool kept_exps_pass(const Args<scalar_t>& a, int64_t n, const RowView<scalar_t>& row, const NextRow<scalar_t>& next,
+                    std::vector<F>& kept, RowConsts<F>* c, KeptScales<F>* ks, std::atomic<int64_t>* bad_row,
+                    F* loss_n, F* st, scalar_t* g_row) {
+  const int64_t Vp = padded<Vectorized<F>::size()>(a.V);
+  if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
+  row_exps(row, next, kept.data(), kept.data() + Vp, c, ks);
+  if (std::isfinite(c->lse_s) && std::isfinite(c->lse_t)) return true;
+  report_bad_row(bad_row, n, std::isfinite(c->lse_s));
+  no_loss_row(loss_n, st, g_row, a.V, /*rejected=*/true);
+  return false;
+}
+
 // ---- forward and gradient of a row without a mixture: each exp once ----------------------------
 // divergence_fwd_grad (and, with grad == nullptr, divergence_fwd without pass 3) for the recipes
 // with no assistant and no AB term that forward_grad_row_logit does not take (TVD, a third party's
@@ -1254,23 +1271,17 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   init_row(a.desc, a.params, a.token_weights, n, &c);
   pin_terms<SIG>(c);
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
-  const int64_t Vp = padded<W>(a.V);
-  if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
-  F* w_t = kept.data();  // then h^q (with a gradient to compute)
-  F* w_s = kept.data() + Vp;
-
   // NB: only a next row that fits kPrefetchBytes whole: part of a longer one costs these passes
   // (which read the row again from the kept exps) more than it saves. TVD, Xeon, fp32, forward
   // only / training, none vs the first 512 KiB: N = 2048, V = 128256  154 vs 164 / 194 vs 194 ms;
   // N = 8192, V = 32000 (the whole next row fits)  146 vs 110 / 175 vs 140 with none vs whole.
   const bool fits = 2 * a.V * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchBytes;
   thread_local KeptScales<F> ks;
-  row_exps(row, NextRow<scalar_t>(a, n, prefetch_next && fits), w_t, w_s, &c, &ks);
-  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
+  if (!kept_exps_pass(a, n, row, NextRow<scalar_t>(a, n, prefetch_next && fits), kept, &c, &ks, bad_row, loss + n,
+                      st_out, g_row))
     return;
-  }
+  F* w_t = kept.data();  // then h^q (with a gradient to compute)
+  F* w_s = kept.data() + padded<W>(a.V);
 
   // pass 2: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing)
   Vec e_acc[kMaxTerms], u_acc = zero;
@@ -1371,18 +1382,11 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
   init_row(a.desc, a.params, a.token_weights, n, &c);
   pin_terms<SIG>(c);
   const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
-  const int64_t Vp = padded<W>(a.V);
-  if (static_cast<int64_t>(kept.size()) < 2 * Vp) kept.resize(static_cast<size_t>(2 * Vp));
-  F* w_t = kept.data();  // then v
-  F* w_s = kept.data() + Vp;
-
   thread_local KeptScales<F> ks;
-  row_exps(row, NextRow<scalar_t>(a, n, false), w_t, w_s, &c, &ks);
-  if (!std::isfinite(c.lse_s) || !std::isfinite(c.lse_t)) {
-    report_bad_row(bad_row, n, std::isfinite(c.lse_s));
-    no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/true);
+  if (!kept_exps_pass(a, n, row, NextRow<scalar_t>(a, n, false), kept, &c, &ks, bad_row, loss + n, st_out, g_row))
     return;
-  }
+  F* w_t = kept.data();  // then v
+  F* w_s = kept.data() + padded<W>(a.V);
 
   // pass 2 (compute-bound: a log and a division an entry; it asks for the next row meanwhile)
   const Vec q_weight(F(1) - c.lam);
