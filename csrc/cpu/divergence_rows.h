@@ -261,23 +261,24 @@ KDPLUG_INLINE double hsum(Vectorized<F> v) {
   return total;
 }
 
-// The largest / smallest lane (NaN lanes are skipped unless the first lane is NaN).
-template <class F>
-KDPLUG_INLINE F hmax(Vectorized<F> v) {
+// The largest (MAX) or smallest lane (NaN lanes are skipped unless the first lane is NaN).
+template <bool MAX, class F>
+KDPLUG_INLINE F hextreme(Vectorized<F> v) {
   alignas(64) F a[Vectorized<F>::size()];
   v.store(a);
   F m = a[0];
-  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] > m ? a[i] : m;
+  for (int i = 1; i < Vectorized<F>::size(); ++i) m = (MAX ? a[i] > m : a[i] < m) ? a[i] : m;
   return m;
 }
 
 template <class F>
+KDPLUG_INLINE F hmax(Vectorized<F> v) {
+  return hextreme<true>(v);
+}
+
+template <class F>
 KDPLUG_INLINE F hmin(Vectorized<F> v) {
-  alignas(64) F a[Vectorized<F>::size()];
-  v.store(a);
-  F m = a[0];
-  for (int i = 1; i < Vectorized<F>::size(); ++i) m = a[i] < m ? a[i] : m;
-  return m;
+  return hextreme<false>(v);
 }
 
 template <class F>
@@ -469,6 +470,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
                   int64_t prefetch_end = 0) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
+  // (divergence_fwd_grad gives those terms forward_grad_row_arith's kept exps instead)
+  static_assert(!(KEEP && MIX == MIX_ARITHMETIC && kArithKL<SIG>), "the arithmetic KL terms keep their exps");
   for (int64_t n = begin; n < end; ++n) {
     F* st_out = stats + n * kStats;
     if (!a.row_mask[n * a.mask_stride]) {
@@ -550,10 +553,6 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
             acc.h_r = acc.h_r + t.h_r;
             acc.w_h_r = acc.w_h_r + mt.w_h_r;
             acc.w_r = acc.w_r + mt.w_r;
-          }
-          if constexpr (KEEP) {
-            (t.h_q + mt.w_h_r).store(kept + k);
-            mt.w_r.store(kept + Vp + k);
           }
           if (++packs == 64) fold();
           return;
@@ -1589,73 +1588,73 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
   std::vector<F> kept;
   for (int64_t n = begin; n < end; ++n) {
     F* st = stats + n * kStats;
-    scalar_t* g = grad + n * a.V;
     if (skip_masked && !a.row_mask[n * a.mask_stride]) {  // another recipe's row: its gradient is not ours
       no_loss_row<scalar_t, F>(loss + n, st, nullptr, a.V, false);
       continue;
     }
-    bool keep = false;
-    if constexpr (kLogitSig<MIX, SIG>) {
-      if (one_pass) {
-        auto logit_row = [&](auto nt) {
-          return forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, decltype(nt)::value, SIG>(
-              a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
-        };
-        bool done;
-        if constexpr (SIG == SIG_JS || SIG == SIG_SYM) {
-          done = logit_row(std::integral_constant<int, 2>{});
-        } else if constexpr (SIG != 0) {
-          done = logit_row(std::integral_constant<int, 1>{});
-        } else {
-          done = a.desc.n_terms == 1 ? logit_row(std::integral_constant<int, 1>{})
-                                     : logit_row(std::integral_constant<int, 2>{});
-        }
-        if (done) continue;
-        // |lse| too large for the one-pass loss: the 2-pass forward, then divergence_bwd's pass
-        forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
-      }
-    }
-    if constexpr (kNomixSig<MIX, SIG>) {
-      if (!one_pass && !has_ab(a.desc)) {
-        forward_grad_row_nomix<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
-        continue;
-      }
-    }
     if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
       forward_grad_row_arith<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
-      continue;
+    } else {
+      scalar_t* g = grad + n * a.V;
+      bool keep = false;
+      if constexpr (kLogitSig<MIX, SIG>) {
+        if (one_pass) {
+          auto logit_row = [&](auto nt) {
+            return forward_grad_row_logit<scalar_t, MIX == MIX_GEOMETRIC, decltype(nt)::value, SIG>(
+                a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+          };
+          bool done;
+          if constexpr (SIG == SIG_JS || SIG == SIG_SYM) {
+            done = logit_row(std::integral_constant<int, 2>{});
+          } else if constexpr (SIG != 0) {
+            done = logit_row(std::integral_constant<int, 1>{});
+          } else {
+            done = a.desc.n_terms == 1 ? logit_row(std::integral_constant<int, 1>{})
+                                       : logit_row(std::integral_constant<int, 2>{});
+          }
+          if (done) continue;
+          // |lse| too large for the one-pass loss: the 2-pass forward, then divergence_bwd's pass
+          forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
+        }
+      }
+      if constexpr (kNomixSig<MIX, SIG>) {
+        if (!one_pass && !has_ab(a.desc)) {
+          forward_grad_row_nomix<scalar_t, SIG>(a, n, grad_scale, loss, stats, grad, bad_row, kept, n + 1 < end);
+          continue;
+        }
+      }
+      if (!one_pass) {
+        if (kept.size() < static_cast<size_t>(2 * Vp)) kept.resize(static_cast<size_t>(2 * Vp));
+        forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data(), end);
+        keep = true;
+      }
+      const bool live = a.row_mask[n * a.mask_stride];
+      if (live && !(std::isfinite(st[STAT_LSE_S]) && std::isfinite(st[STAT_LSE_T]))) {
+        // a rejected row (the op raises): no gradient to compute
+        std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
+        continue;
+      }
+      if (!keep) {
+        backward_rows<scalar_t, MIX, SIG>(a, grad_scale, stats, grad, a.V, /*skip_masked=*/false, n, n + 1);
+        continue;
+      }
+      const F T = static_cast<F>(a.params[0]);
+      const F scale = live ? grad_scale[n] / T : F(0);
+      if (scale == F(0)) {  // masked, or no incoming gradient: exactly 0
+        std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
+        continue;
+      }
+      const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, F(1) / T);
+      const Vec lse_s(st[STAT_LSE_S]), H_r(st[STAT_H_R]), U(st[STAT_U]), sc(scale), zero(F(0));
+      const Vec ninf(neg_inf<F>());
+      const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
+      row.each_student([&](int64_t k, Vec xs) KDPLUG_LAMBDA_INLINE {
+        const Vec lq = xs - lse_s;
+        const Vec u = Vec::loadu(kept.data() + k) - H_r * Vec::loadu(kept.data() + Vp + k);
+        const Vec gk = O::select(O::eq(lq, ninf), zero, (u - O::exp(lq) * U) * sc);  // grad_at's
+        store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
+      });
     }
-    if (!one_pass) {
-      if (kept.size() < static_cast<size_t>(2 * Vp)) kept.resize(static_cast<size_t>(2 * Vp));
-      forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data(), end);
-      keep = true;
-    }
-    const bool live = a.row_mask[n * a.mask_stride];
-    if (live && !(std::isfinite(st[STAT_LSE_S]) && std::isfinite(st[STAT_LSE_T]))) {
-      // a rejected row (the op raises): no gradient to compute
-      std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
-      continue;
-    }
-    if (!keep) {
-      backward_rows<scalar_t, MIX, SIG>(a, grad_scale, stats, grad, a.V, /*skip_masked=*/false, n, n + 1);
-      continue;
-    }
-    const F T = static_cast<F>(a.params[0]);
-    const F scale = live ? grad_scale[n] / T : F(0);
-    if (scale == F(0)) {  // masked, or no incoming gradient: exactly 0
-      std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * a.V);
-      continue;
-    }
-    const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, F(1) / T);
-    const Vec lse_s(st[STAT_LSE_S]), H_r(st[STAT_H_R]), U(st[STAT_U]), sc(scale), zero(F(0));
-    const Vec ninf(neg_inf<F>());
-    const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
-    row.each_student([&](int64_t k, Vec xs) KDPLUG_LAMBDA_INLINE {
-      const Vec lq = xs - lse_s;
-      const Vec u = Vec::loadu(kept.data() + k) - H_r * Vec::loadu(kept.data() + Vp + k);
-      const Vec gk = O::select(O::eq(lq, ninf), zero, (u - O::exp(lq) * U) * sc);  // grad_at's
-      store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
-    });
   }
   store_fence();
 }
