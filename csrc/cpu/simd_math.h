@@ -1,4 +1,4 @@
-// Inline SIMD exp / expm1 / log / log1p for float packs (AVX-512F, AVX2 + FMA): raw intrinsics,
+// Inline SIMD exp / expm1 (and both at once) / log / log1p for float packs (AVX-512F, AVX2 + FMA): raw intrinsics,
 // no torch, so that csrc/tests/test_simd.cpp checks them against the C library (ctest). The CPU
 // kernel reaches them through Ops<Vectorized<float>> in vec_ops.h. Each namespace is compiled
 // only where the compiler targets its instruction set.
@@ -22,10 +22,6 @@ namespace math {
 // ---- AVX-512F ----------------------------------------------------------------------------------
 namespace avx512 {
 
-KDPLUG_INLINE __m512 pow2i(__m512i k) {  // 2^k for k in [-126, 128] (128 -> +inf)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(127)), 23));
-}
-
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite, two
 // parts of ln 2), exp(r) by the Cephes degree-6 polynomial (~2 ulp); scalef applies 2^n with
 // correct overflow and gradual underflow. x is clamped to [-104, 88.75] first (exp(-104) rounds
@@ -47,13 +43,14 @@ KDPLUG_INLINE __m512 exp_ps(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
 }
 
-// expm1(x) = 2^n (expm1(r) + 1) - 1 = 2 fma(2^(n-1), expm1(r), 2^(n-1) - 1/2), with expm1(r) by
-// its Taylor polynomial to degree 7 on |r| <= ln2/2 (relative error < 1e-8); 2^(n-1) - 1/2 is
-// exact and n = 0 returns the polynomial itself, so small |x| keeps full relative precision
-// (the halving keeps 2^(n-1) finite up to n = 128). x is clamped to [-30, 89] (expm1(-30) rounds
-// to -1, 89 overflows); NaN is restored at the end.
-KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-30.0f)), _mm512_set1_ps(89.0f));
+// expm1(x) = 2^n (expm1(r) + 1) - 1 = 2 fma(2^(n-1), expm1(r), 2^(n-1) - 1/2), with n and r as
+// in exp_ps and expm1(r) by its Taylor polynomial to degree 7 on |r| <= ln2/2 (relative error
+// < 1e-8); 2^(n-1) - 1/2 is exact and n = 0 returns the polynomial itself, so small |x| keeps full
+// relative precision (the halving keeps 2^(n-1) finite up to n = 128). exp(x) comes with it from
+// the same reduction, 2^n (1 + expm1(r)) (~1 ulp): *ex. x is clamped to exp_ps's [-104, 88.75]
+// (expm1 rounds to -1 below -17 and overflows above 88.73); NaN is restored in both.
+KDPLUG_INLINE __m512 expm1_exp_ps(__m512 x, __m512* ex) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.75f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
@@ -65,10 +62,17 @@ KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   const __m512 em1_r = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r);  // r + r^2 (1/2 + r/6 + ...)
-  const __m512 t = pow2i(_mm512_sub_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(1)));  // 2^(n-1)
+  const __m512 t = _mm512_scalef_ps(_mm512_set1_ps(0.5f), n);       // 2^(n-1) (0 far below -17)
   __m512 y = _mm512_fmadd_ps(t, em1_r, _mm512_sub_ps(t, _mm512_set1_ps(0.5f)));
   y = _mm512_add_ps(y, y);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  *ex = _mm512_mask_blend_ps(nan, _mm512_scalef_ps(_mm512_add_ps(em1_r, _mm512_set1_ps(1.0f)), n), x);
+  return _mm512_mask_blend_ps(nan, y, x);
+}
+
+KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
+  __m512 unused;
+  return expm1_exp_ps(x, &unused);
 }
 
 // log u + c for u > 0: e ln 2 + log m with m = u / 2^e in [sqrt(1/2), sqrt(2)) (getexp /
@@ -129,7 +133,7 @@ KDPLUG_INLINE __m512 log1p_ps(__m512 z) {
 // special values; the scaling by 2^n and the exponent split written with integer ops).
 namespace avx2 {
 
-KDPLUG_INLINE __m256 pow2i(__m256i k) {  // 2^k for k in [-126, 128] (128 -> +inf)
+KDPLUG_INLINE __m256 pow2i(__m256i k) {  // 2^k for k in [-126, 128] (128 -> +inf, -127 -> 0)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
@@ -158,9 +162,10 @@ KDPLUG_INLINE __m256 exp_ps(__m256 x) {
   return keep_nan(_mm256_mul_ps(_mm256_mul_ps(y, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1))), x);
 }
 
-// expm1: avx512::expm1_ps, line for line.
-KDPLUG_INLINE __m256 expm1_ps(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-30.0f)), _mm256_set1_ps(89.0f));
+// expm1 and exp: avx512::expm1_exp_ps; 2^(n-1) from pow2i with n - 1 kept >= -127 (0 there:
+// x < -87.3, where expm1 is -1 anyway), exp's 2^n as in exp_ps.
+KDPLUG_INLINE __m256 expm1_exp_ps(__m256 x, __m256* ex) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(88.75f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
@@ -172,9 +177,18 @@ KDPLUG_INLINE __m256 expm1_ps(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   const __m256 em1_r = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r);
-  const __m256 t = pow2i(_mm256_sub_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(1)));  // 2^(n-1)
-  __m256 y = _mm256_fmadd_ps(t, em1_r, _mm256_sub_ps(t, _mm256_set1_ps(0.5f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256 t = pow2i(_mm256_max_epi32(_mm256_sub_epi32(ni, _mm256_set1_epi32(1)), _mm256_set1_epi32(-127)));
+  const __m256 y = _mm256_fmadd_ps(t, em1_r, _mm256_sub_ps(t, _mm256_set1_ps(0.5f)));
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256 e = _mm256_add_ps(em1_r, _mm256_set1_ps(1.0f));
+  *ex = keep_nan(_mm256_mul_ps(_mm256_mul_ps(e, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1))), x);
   return keep_nan(_mm256_add_ps(y, y), x);
+}
+
+KDPLUG_INLINE __m256 expm1_ps(__m256 x) {
+  __m256 unused;
+  return expm1_exp_ps(x, &unused);
 }
 
 // log u + c: as avx512::log_core_ps, with the exponent and mantissa read from the bits (a

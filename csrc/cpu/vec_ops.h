@@ -34,6 +34,10 @@ struct GenericVecOps {
   using Mask = V;  // all-ones lanes for true
   static KDPLUG_INLINE V exp(V x) { return x.exp(); }
   static KDPLUG_INLINE V expm1(V x) { return x.expm1(); }
+  static KDPLUG_INLINE V expm1_exp(V x, V* ex) {
+    *ex = x.exp();
+    return x.expm1();
+  }
   static KDPLUG_INLINE V log1p(V x) { return x.log1p(); }
   static KDPLUG_INLINE V log(V x) { return x.log(); }
   static KDPLUG_INLINE V neg(V x) { return x.neg(); }
@@ -68,6 +72,12 @@ struct Ops<Vectorized<float>> {
   using Mask = __mmask16;
   static KDPLUG_INLINE V exp(V x) { return avx512::exp_ps(x); }
   static KDPLUG_INLINE V expm1(V x) { return avx512::expm1_ps(x); }
+  static KDPLUG_INLINE V expm1_exp(V x, V* ex) {
+    __m512 e;
+    const V em1 = avx512::expm1_exp_ps(x, &e);
+    *ex = e;
+    return em1;
+  }
   static KDPLUG_INLINE V log1p(V x) { return avx512::log1p_ps(x); }
   static KDPLUG_INLINE V log(V x) { return avx512::log_ps(x); }
   static KDPLUG_INLINE V neg(V x) { return _mm512_xor_ps(x, _mm512_set1_ps(-0.0f)); }
@@ -104,6 +114,12 @@ struct Ops<Vectorized<float>> : GenericVecOps<float> {
   using V = Vectorized<float>;
   static KDPLUG_INLINE V exp(V x) { return avx2::exp_ps(x); }
   static KDPLUG_INLINE V expm1(V x) { return avx2::expm1_ps(x); }
+  static KDPLUG_INLINE V expm1_exp(V x, V* ex) {
+    __m256 e;
+    const V em1 = avx2::expm1_exp_ps(x, &e);
+    *ex = e;
+    return em1;
+  }
   static KDPLUG_INLINE V log1p(V x) { return avx2::log1p_ps(x); }
   static KDPLUG_INLINE V log(V x) { return avx2::log_ps(x); }
 };
