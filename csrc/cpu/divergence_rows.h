@@ -461,9 +461,10 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
 }
 
 // ---- forward -----------------------------------------------------------------------------------
-// KEEP (divergence_fwd_grad, one row): pass 3 also stores each entry's v = h^q + w h^r and w r
-// in kept[0 .. V) and kept[Vp .. Vp + V) (Vp = V rounded up to the pack size), so that the
-// gradient pass needs neither the elements nor the mixture again (see forward_backward_rows).
+// KEEP (divergence_fwd_grad, one row): pass 3 also stores each entry's v = h^q + w h^r and (with a
+// mixture) w r in kept[0 .. V) and kept[Vp .. Vp + V) (Vp = V rounded up to the pack size), so
+// that the gradient pass needs neither the elements nor the mixture again (see
+// forward_backward_rows).
 template <class scalar_t, int MIX, int SIG, bool KEEP = false>
 void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<scalar_t>* stats, int64_t begin,
                   int64_t end, std::atomic<int64_t>* bad_row, compute_t<scalar_t>* kept = nullptr,
@@ -568,7 +569,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       const MixTerms<Vec> mt = stats_at(c, L, h, &acc);
       if constexpr (KEEP) {
         (h.q + mt.w_h_r).store(kept + k);
-        mt.w_r.store(kept + Vp + k);
+        if constexpr (MIX != MIX_NONE) mt.w_r.store(kept + Vp + k);  // (0 without a mixture)
       }
       if (++packs == 64) fold();
     });
@@ -1650,7 +1651,8 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
       const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
       row.each_student([&](int64_t k, Vec xs) KDPLUG_LAMBDA_INLINE {
         const Vec lq = xs - lse_s;
-        const Vec u = Vec::loadu(kept.data() + k) - H_r * Vec::loadu(kept.data() + Vp + k);
+        Vec u = Vec::loadu(kept.data() + k);
+        if constexpr (MIX != MIX_NONE) u = u - H_r * Vec::loadu(kept.data() + Vp + k);  // (H^r = 0 without)
         const Vec gk = O::select(O::eq(lq, ninf), zero, (u - O::exp(lq) * U) * sc);  // grad_at's
         store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
       });
