@@ -343,20 +343,31 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element_ref(V lP, V lQ, F a, F b)
   return {O::select(both, V(0), e), O::select(both, V(0), dP), O::select(both, V(0), dQ)};
 }
 
+// An AB term's alpha, beta and the reciprocals its element multiplies by: per-row constants (in
+// the element itself, each SIMD pack paid three scalar divisions, which the compiler did not hoist
+// out of the row loops past the branch on alpha, beta > 0 that guards them).
+template <class F>
+struct AbParams {
+  F a, b, inv_a, inv_b, inv_k;
+};
+
+template <class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE AbParams<F> ab_params(F a, F b) {
+  const F k = a + b;
+  return {a, b, a > F(0) ? F(1) / a : F(0), b > F(0) ? F(1) / b : F(0), k > F(0) ? F(1) / k : F(0)};
+}
+
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, F a, F b) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, const AbParams<F>& ab) {
   using O = Ops<V>;
+  const F a = ab.a, b = ab.b;
   if (!(a > F(0) && b > F(0))) return ab_element_ref(lP, lQ, a, b);
   // alpha, beta > 0: every factor below is finite (M <= ~0, x <= 0, phi in [-1/c, 0]), so the
-  // mul0 of the reference reduce to plain products.
-  const V ninf(neg_inf<F>());
-  auto both = O::land(O::eq(lP, ninf), O::eq(lQ, ninf));
-  V lP_ = O::select(both, V(0), lP);
-  V lQ_ = O::select(both, V(0), lQ);
-  auto q_big = O::ge(lQ_, lP_);
-  V M = O::select(q_big, lQ_, lP_);
-  V m = O::select(q_big, lP_, lQ_);
-  V x = m - M;  // <= 0, -inf on a one-sided zero
+  // mul0 of the reference reduce to plain products. Both -inf: M is raised to -1e30, so that
+  // x = -inf (not NaN) and M^k = 0: the element and its partials are 0 without a select.
+  auto q_big = O::ge(lQ, lP);
+  V M = O::max(O::select(q_big, lQ, lP), V(F(-1e30)));
+  V x = O::select(q_big, lP, lQ) - M;  // <= 0, -inf on a one-sided zero (and where both are)
   const F k = a + b;
   // M^k = exp(k M), and the smaller side's power from the larger side's: P^alpha = M^alpha e^{alpha x}
   // (Q >= P), Q^beta = M^beta e^{beta x} (P > Q), so the partials above are
@@ -368,24 +379,29 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, F a, F b) {
   V Mk = O::exp(V(k) * M);
   V e_a, e_b;
   V em1_a = O::expm1_exp(V(a) * x, &e_a), em1_b = O::expm1_exp(V(b) * x, &e_b);
-  V phi_a = em1_a * V(F(1) / a);
-  V phi_b = em1_b * V(F(1) / b);
+  V phi_a = em1_a * V(ab.inv_a);
+  V phi_b = em1_b * V(ab.inv_b);
   // expm1(k x) = (1 + expm1(a x)) (1 + expm1(b x)) - 1 = em1_a + em1_b + em1_a em1_b: one
   // transcendental fewer. With em1_a, em1_b in [-1, 0] the result r has |r| >= max(|em1_a|,
   // |em1_b|) and every term is <= |r| in size, so it keeps expm1's relative precision (a few ulp).
-  V phi_k = (em1_a + em1_b + em1_a * em1_b) * V(F(1) / k);
+  V phi_k = (em1_a + em1_b + em1_a * em1_b) * V(ab.inv_k);
   // e = -(M^k / d) [phi(x, c) - phi(x, k)], (c, d) = (a, b) if Q >= P else (b, a)
-  V e = O::neg(Mk) * O::select(q_big, (phi_a - phi_k) * V(F(1) / b), (phi_b - phi_k) * V(F(1) / a));
+  V e = Mk * O::select(q_big, (phi_k - phi_a) * V(ab.inv_b), (phi_k - phi_b) * V(ab.inv_a));
   V dQ = Mk * phi_a * O::select(q_big, V(F(-1)), e_b);
   V dP = Mk * phi_b * O::select(q_big, e_a, V(F(-1)));
-  return {O::select(both, V(0), e), O::select(both, V(0), dP), O::select(both, V(0), dQ)};
+  return {e, dP, dQ};
+}
+
+template <class V, class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, F a, F b) {
+  return ab_element(lP, lQ, ab_params(a, b));
 }
 
 // P, Q: the operands' probabilities where the caller has them (else nullptr: exp(lP), exp(lQ));
 // AB works from the logs alone.
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, F ab_a, F ab_b, const V* P = nullptr,
-                                                    const V* Q = nullptr) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, const AbParams<F>& ab,
+                                                    const V* P = nullptr, const V* Q = nullptr) {
   using O = Ops<V>;
   switch (div) {
     case KL:
@@ -393,7 +409,7 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, F ab_a,
     case CE:
       return ce_element(lP, lQ, P ? *P : O::exp(lP));
     case AB:
-      return ab_element(lP, lQ, ab_a, ab_b);
+      return ab_element(lP, lQ, ab);
     default:
       return tvd_element_pq(P ? *P : O::exp(lP), Q ? *Q : O::exp(lQ));
   }
@@ -553,7 +569,7 @@ struct RowConsts {
   bool exclude;
   int n_terms;
   int lhs[kMaxTerms], rhs[kMaxTerms], div[kMaxTerms];
-  F ab_a[kMaxTerms], ab_b[kMaxTerms];
+  AbParams<F> ab[kMaxTerms];
   F coef[kMaxTerms];  // weight * token weight; a term with coef == 0 contributes exactly 0
 };
 
@@ -579,8 +595,7 @@ KDPLUG_HOST_DEVICE inline void row_consts_init(const RecipeDesc& d, const double
     c->lhs[i] = d.lhs[i];
     c->rhs[i] = d.rhs[i];
     c->div[i] = d.div[i];
-    c->ab_a[i] = static_cast<F>(d.ab_alpha[i]);
-    c->ab_b[i] = static_cast<F>(d.ab_beta[i]);
+    c->ab[i] = ab_params(static_cast<F>(d.ab_alpha[i]), static_cast<F>(d.ab_beta[i]));
     F w = static_cast<F>(params[2 + i]);
     // as the torch path: coef = weight * token weight, loss += mul0(coef, sum_k e)
     c->coef[i] = token_weights ? w * static_cast<F>(token_weights[i]) : w;
@@ -665,7 +680,7 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs
   for (int i = 0; i < n_terms; ++i) {
     const F coef = c.coef[i];
     if (coef == F(0)) continue;  // mul0(coef, .) = 0: the term contributes nothing
-    Element<V> el = element(c.div[i], L.of(c.lhs[i]), L.of(c.rhs[i]), c.ab_a[i], c.ab_b[i],
+    Element<V> el = element(c.div[i], L.of(c.lhs[i]), L.of(c.rhs[i]), c.ab[i],
                             probs ? probs->of(c.lhs[i]) : nullptr, probs ? probs->of(c.rhs[i]) : nullptr);
     if (c.exclude) {
       el.e = O::select(keep, el.e, V(0));

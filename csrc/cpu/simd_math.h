@@ -22,12 +22,18 @@ namespace math {
 // ---- AVX-512F ----------------------------------------------------------------------------------
 namespace avx512 {
 
+// x clamped to [-104, 88.75], NaN kept: max and min return their second operand where either is
+// NaN, so the bound goes first (NaN then runs through every later step, and no blend restores it).
+KDPLUG_INLINE __m512 clamp_keep_nan(__m512 x) {
+  return _mm512_min_ps(_mm512_set1_ps(88.75f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+}
+
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite, two
 // parts of ln 2), exp(r) by the Cephes degree-6 polynomial (~2 ulp); scalef applies 2^n with
 // correct overflow and gradual underflow. x is clamped to [-104, 88.75] first (exp(-104) rounds
-// to 0, exp(88.75) overflows), so -inf -> 0 and +inf -> +inf; NaN is restored at the end.
+// to 0, exp(88.75) overflows), so -inf -> 0 and +inf -> +inf; NaN stays NaN.
 KDPLUG_INLINE __m512 exp_ps(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.75f));
+  const __m512 xc = clamp_keep_nan(x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
@@ -39,8 +45,7 @@ KDPLUG_INLINE __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
   __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  y = _mm512_scalef_ps(y, n);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+  return _mm512_scalef_ps(y, n);
 }
 
 // expm1(x) = 2^n (expm1(r) + 1) - 1 = 2 fma(2^(n-1), expm1(r), 2^(n-1) - 1/2), with n and r as
@@ -48,9 +53,9 @@ KDPLUG_INLINE __m512 exp_ps(__m512 x) {
 // < 1e-8); 2^(n-1) - 1/2 is exact and n = 0 returns the polynomial itself, so small |x| keeps full
 // relative precision (the halving keeps 2^(n-1) finite up to n = 128). exp(x) comes with it from
 // the same reduction, 2^n (1 + expm1(r)) (~1 ulp): *ex. x is clamped to exp_ps's [-104, 88.75]
-// (expm1 rounds to -1 below -17 and overflows above 88.73); NaN is restored in both.
+// (expm1 rounds to -1 below -17 and overflows above 88.73); NaN stays NaN in both.
 KDPLUG_INLINE __m512 expm1_exp_ps(__m512 x, __m512* ex) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.75f));
+  const __m512 xc = clamp_keep_nan(x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
@@ -65,9 +70,8 @@ KDPLUG_INLINE __m512 expm1_exp_ps(__m512 x, __m512* ex) {
   const __m512 t = _mm512_scalef_ps(_mm512_set1_ps(0.5f), n);       // 2^(n-1) (0 far below -17)
   __m512 y = _mm512_fmadd_ps(t, em1_r, _mm512_sub_ps(t, _mm512_set1_ps(0.5f)));
   y = _mm512_add_ps(y, y);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  *ex = _mm512_mask_blend_ps(nan, _mm512_scalef_ps(_mm512_add_ps(em1_r, _mm512_set1_ps(1.0f)), n), x);
-  return _mm512_mask_blend_ps(nan, y, x);
+  *ex = _mm512_scalef_ps(_mm512_add_ps(em1_r, _mm512_set1_ps(1.0f)), n);
+  return y;
 }
 
 KDPLUG_INLINE __m512 expm1_ps(__m512 x) {
@@ -137,15 +141,15 @@ KDPLUG_INLINE __m256 pow2i(__m256i k) {  // 2^k for k in [-126, 128] (128 -> +in
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
-KDPLUG_INLINE __m256 keep_nan(__m256 y, __m256 x) {  // y, but x where x is NaN
-  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+KDPLUG_INLINE __m256 clamp_keep_nan(__m256 x) {  // as avx512::clamp_keep_nan
+  return _mm256_min_ps(_mm256_set1_ps(88.75f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
 }
 
 // exp: as avx512::exp_ps; 2^n for n in [-150, 128] applied as 2^(n >> 1) 2^(n - (n >> 1)), both
 // factors normal, so the second product rounds once into the subnormal range (gradual underflow,
 // 0 below it) and n = 128 overflows to +inf.
 KDPLUG_INLINE __m256 exp_ps(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(88.75f));
+  const __m256 xc = clamp_keep_nan(x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
@@ -159,13 +163,13 @@ KDPLUG_INLINE __m256 exp_ps(__m256 x) {
   const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  return keep_nan(_mm256_mul_ps(_mm256_mul_ps(y, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1))), x);
+  return _mm256_mul_ps(_mm256_mul_ps(y, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1)));  // (NaN: NaN y)
 }
 
 // expm1 and exp: avx512::expm1_exp_ps; 2^(n-1) from pow2i with n - 1 kept >= -127 (0 there:
 // x < -87.3, where expm1 is -1 anyway), exp's 2^n as in exp_ps.
 KDPLUG_INLINE __m256 expm1_exp_ps(__m256 x, __m256* ex) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(88.75f));
+  const __m256 xc = clamp_keep_nan(x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
@@ -182,8 +186,8 @@ KDPLUG_INLINE __m256 expm1_exp_ps(__m256 x, __m256* ex) {
   const __m256 y = _mm256_fmadd_ps(t, em1_r, _mm256_sub_ps(t, _mm256_set1_ps(0.5f)));
   const __m256i n1 = _mm256_srai_epi32(ni, 1);
   const __m256 e = _mm256_add_ps(em1_r, _mm256_set1_ps(1.0f));
-  *ex = keep_nan(_mm256_mul_ps(_mm256_mul_ps(e, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1))), x);
-  return keep_nan(_mm256_add_ps(y, y), x);
+  *ex = _mm256_mul_ps(_mm256_mul_ps(e, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1)));  // (NaN: NaN e, y)
+  return _mm256_add_ps(y, y);
 }
 
 KDPLUG_INLINE __m256 expm1_ps(__m256 x) {
