@@ -688,8 +688,10 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs
       el.dQ = O::select(keep, el.dQ, V(0));
     }
     if (WITH_LOSS) e_acc[i] = e_acc[i] + el.e;
-    const V dP = V(coef) * finite_or_0(el.dP);
-    const V dQ = V(coef) * finite_or_0(el.dQ);
+    // (AB's partials are finite where alpha, beta > 0: see ab_element)
+    const bool finite = c.div[i] == AB && c.ab[i].a > F(0) && c.ab[i].b > F(0);
+    const V dP = V(coef) * (finite ? el.dP : finite_or_0(el.dP));
+    const V dQ = V(coef) * (finite ? el.dQ : finite_or_0(el.dQ));
     if (c.lhs[i] == STUDENT) h.q = h.q + dP;
     if (c.lhs[i] == ASSISTANT) h.r = h.r + dP;
     if (c.rhs[i] == STUDENT) h.q = h.q + dQ;
