@@ -176,7 +176,7 @@ struct RowView {
 // At most the first kPrefetchBytes of the next row (both sides together) where the current row is
 // read again (divergence_fwd_grad): fetched further, it evicts the current row's logits and kept
 // exps from L2 before their last pass reads them (the one-pass forward, which reads each row once,
-// fetches the whole next row: see forward_rows_fused). On the
+// fetches the whole next row: see forward_rows_fused; so does forward_rows' slower pass 3). On the
 // Xeon (2 MiB L2), N = 2048 fp32 divergence_fwd_grad, whole next row / its first 512 KiB / none:
 // V = 128256  FKL 181 / 167 / 162 ms, symmetric KL 246 / 200 / 177, TAID 194 / 189 / 203,
 //             TVD 200 / 186 / 177, gJSD 350 / 347 / 364;
@@ -541,8 +541,12 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       acc = StatAcc<Vec>{Vec(F(0)), Vec(F(0)), Vec(F(0)), Vec(F(0))};
       packs = 0;
     };
-    // (the elements' pass is compute-bound: it asks for the next row of the chunk meanwhile)
-    const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end));
+    // (the elements' pass is compute-bound: it asks for the next row of the chunk meanwhile, all of
+    // it: its ~5-10 transcendentals an entry leave the time, and the lines evicted are mostly ones
+    // pass 3 is done with. Xeon, N = 2048, V = 128256 fp32, kPrefetchBytes / whole row:
+    // divergence_fwd ABKD 236 / 210 ms, AMiD 545-549 / 520-525; divergence_fwd_grad ABKD 267-273 /
+    // 265-269, AMiD 615-623 / 608-612)
+    const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end), std::numeric_limits<int64_t>::max());
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
       if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
