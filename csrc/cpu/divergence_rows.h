@@ -1574,8 +1574,10 @@ constexpr bool kLogitSig = (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) &&
 // Whether forward_grad_row_nomix can run the recipe (MIX, SIG): no mixture and no AB term (a
 // pinned SIG says which term; SIG = 0 asks has_ab at run time). AB terms keep forward_rows'
 // per-entry v: their elements need the logs (pass C would read the logits a third time) and cost
-// 5 transcendentals, so the exp saved is lost (ABKD divergence_fwd_grad, N = 2048, V = 128256
-// fp32, Xeon: 390 vs 348 ms A/B).
+// 3-5 transcendentals, so the exp saved is lost (ABKD divergence_fwd_grad, N = 2048, V = 128256
+// fp32, Xeon: 390 vs 348 ms A/B, with the 5-exp element; keeping only the student's exps in
+// forward_rows' pass 1 instead, row_exps' scalar maxima and store cost more than the gradient
+// pass's exp: 275 -> 288-293 ms).
 template <int MIX, int SIG>
 constexpr bool kNomixSig = MIX == MIX_NONE && !(SIG != 0 && SIG < SIG_JS && (SIG - 1) % 4 == AB);
 
