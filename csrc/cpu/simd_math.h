@@ -1,7 +1,7 @@
-// Inline SIMD exp / expm1 (and both at once) / log / log1p for float packs (AVX-512F, AVX2 + FMA): raw intrinsics,
-// no torch, so that csrc/tests/test_simd.cpp checks them against the C library (ctest). The CPU
-// kernel reaches them through Ops<Vectorized<float>> in vec_ops.h. Each namespace is compiled
-// only where the compiler targets its instruction set.
+// Inline SIMD exp / expm1 (and both at once) / log / log1p for float packs (AVX-512F, AVX2 + FMA):
+// raw intrinsics, no torch, so that csrc/tests/test_simd.cpp checks them against the C library
+// (ctest). The CPU kernel reaches them through Ops<Vectorized<float>> in vec_ops.h. Each
+// namespace is compiled only where the compiler targets its instruction set.
 //
 // Semantics (what csrc/kdplug_math.h relies on), ~2 ulp elsewhere:
 //   exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN, subnormal results are not flushed;

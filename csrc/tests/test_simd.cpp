@@ -1,6 +1,6 @@
-// Unit tests of csrc/cpu/simd_math.h (no torch): the inline SIMD exp / expm1 / log / log1p
-// (and expm1_exp_ps's two results) against the C library in double, over their whole float range (subnormal results and arguments
-// included) and at the special values the math header relies on. Compiled once per instruction
+// Unit tests of csrc/cpu/simd_math.h (no torch): the inline SIMD exp / expm1 / log / log1p (and
+// expm1_exp_ps's exp) against the C library in double, over their whole float range (subnormal
+// results and arguments included) and at the special values the math header relies on. Compiled once per instruction
 // set (KDPLUG_TEST_ISA = 2: AVX2 + FMA, 512: AVX-512F) and run by test_simd_main.cpp only on a
 // CPU that has it. Returns the number of failed checks.
 #include "cpu/simd_math.h"
