@@ -349,6 +349,8 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element_ref(V lP, V lQ, F a, F b)
 template <class F>
 struct AbParams {
   F a, b, inv_a, inv_b, inv_k;
+  // alpha, beta > 0: ab_element's fast path, whose element and partials are finite everywhere
+  KDPLUG_HOST_DEVICE KDPLUG_INLINE bool positive() const { return a > F(0) && b > F(0); }
 };
 
 template <class F>
@@ -361,7 +363,7 @@ template <class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> ab_element(V lP, V lQ, const AbParams<F>& ab) {
   using O = Ops<V>;
   const F a = ab.a, b = ab.b;
-  if (!(a > F(0) && b > F(0))) return ab_element_ref(lP, lQ, a, b);
+  if (!ab.positive()) return ab_element_ref(lP, lQ, a, b);
   // alpha, beta > 0: every factor below is finite (M <= ~0, x <= 0, phi in [-1/c, 0]), so the
   // mul0 of the reference reduce to plain products. Both -inf: M is raised to -1e30, so that
   // x = -inf (not NaN) and M^k = 0: the element and its partials are 0 without a select.
@@ -689,7 +691,7 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs
     }
     if (WITH_LOSS) e_acc[i] = e_acc[i] + el.e;
     // (AB's partials are finite where alpha, beta > 0: see ab_element)
-    const bool finite = c.div[i] == AB && c.ab[i].a > F(0) && c.ab[i].b > F(0);
+    const bool finite = c.div[i] == AB && c.ab[i].positive();
     const V dP = V(coef) * (finite ? el.dP : finite_or_0(el.dP));
     const V dQ = V(coef) * (finite ? el.dQ : finite_or_0(el.dQ));
     if (c.lhs[i] == STUDENT) h.q = h.q + dP;

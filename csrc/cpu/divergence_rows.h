@@ -1636,7 +1636,8 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         }
       }
       if (!one_pass) {
-        if (kept.size() < static_cast<size_t>(2 * Vp)) kept.resize(static_cast<size_t>(2 * Vp));
+        const int64_t rows = MIX == MIX_NONE ? 1 : 2;  // v, (w r)
+        if (static_cast<int64_t>(kept.size()) < rows * Vp) kept.resize(static_cast<size_t>(rows * Vp));
         forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data(), end);
         keep = true;
       }

@@ -141,13 +141,19 @@ KDPLUG_INLINE __m256 pow2i(__m256i k) {  // 2^k for k in [-126, 128] (128 -> +in
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
+// y 2^n for n in [-150, 128] as y 2^(n >> 1) 2^(n - (n >> 1)), both factors normal, so the second
+// product rounds once into the subnormal range (gradual underflow, 0 below it) and n = 128
+// overflows to +inf.
+KDPLUG_INLINE __m256 scale_pow2(__m256 y, __m256i n) {
+  const __m256i n1 = _mm256_srai_epi32(n, 1);
+  return _mm256_mul_ps(_mm256_mul_ps(y, pow2i(n1)), pow2i(_mm256_sub_epi32(n, n1)));
+}
+
 KDPLUG_INLINE __m256 clamp_keep_nan(__m256 x) {  // as avx512::clamp_keep_nan
   return _mm256_min_ps(_mm256_set1_ps(88.75f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
 }
 
-// exp: as avx512::exp_ps; 2^n for n in [-150, 128] applied as 2^(n >> 1) 2^(n - (n >> 1)), both
-// factors normal, so the second product rounds once into the subnormal range (gradual underflow,
-// 0 below it) and n = 128 overflows to +inf.
+// exp: as avx512::exp_ps, with 2^n applied by scale_pow2.
 KDPLUG_INLINE __m256 exp_ps(__m256 x) {
   const __m256 xc = clamp_keep_nan(x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
@@ -161,9 +167,7 @@ KDPLUG_INLINE __m256 exp_ps(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
   const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  return _mm256_mul_ps(_mm256_mul_ps(y, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1)));  // (NaN: NaN y)
+  return scale_pow2(y, _mm256_cvtps_epi32(n));  // (NaN: NaN y)
 }
 
 // expm1 and exp: avx512::expm1_exp_ps; 2^(n-1) from pow2i with n - 1 kept >= -127 (0 there:
@@ -184,9 +188,7 @@ KDPLUG_INLINE __m256 expm1_exp_ps(__m256 x, __m256* ex) {
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256 t = pow2i(_mm256_max_epi32(_mm256_sub_epi32(ni, _mm256_set1_epi32(1)), _mm256_set1_epi32(-127)));
   const __m256 y = _mm256_fmadd_ps(t, em1_r, _mm256_sub_ps(t, _mm256_set1_ps(0.5f)));
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  const __m256 e = _mm256_add_ps(em1_r, _mm256_set1_ps(1.0f));
-  *ex = _mm256_mul_ps(_mm256_mul_ps(e, pow2i(n1)), pow2i(_mm256_sub_epi32(ni, n1)));  // (NaN: NaN e, y)
+  *ex = scale_pow2(_mm256_add_ps(em1_r, _mm256_set1_ps(1.0f)), ni);  // (NaN: NaN ex, y)
   return _mm256_add_ps(y, y);
 }
 
