@@ -157,16 +157,35 @@ struct RowView {
   template <class Fn>
   KDPLUG_INLINE void each(Fn&& fn) const {
     const Vec it(inv_T);
-    for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it, IO::load(t + k) * it);
-    if (main_end < V) fn(main_end, IO::load(s_tail) * it, IO::load(t_tail) * it);
+    visit<false>([&](int64_t k, const scalar_t* s_k, const scalar_t* t_k)
+                     KDPLUG_LAMBDA_INLINE { fn(k, IO::load(s_k) * it, IO::load(t_k) * it); });
   }
-
+  // the same from the last pack to the first (a pass over a row that the pass before left partly in
+  // cache: see the gradient passes)
+  template <class Fn>
+  KDPLUG_INLINE void each_down(Fn&& fn) const {
+    const Vec it(inv_T);
+    visit<true>([&](int64_t k, const scalar_t* s_k, const scalar_t* t_k)
+                    KDPLUG_LAMBDA_INLINE { fn(k, IO::load(s_k) * it, IO::load(t_k) * it); });
+  }
   // fn(k, xs): the student side only
   template <class Fn>
   KDPLUG_INLINE void each_student(Fn&& fn) const {
     const Vec it(inv_T);
-    for (int64_t k = 0; k < main_end; k += W) fn(k, IO::load(s + k) * it);
-    if (main_end < V) fn(main_end, IO::load(s_tail) * it);
+    visit<false>([&](int64_t k, const scalar_t* s_k, const scalar_t*) KDPLUG_LAMBDA_INLINE { fn(k, IO::load(s_k) * it); });
+  }
+
+ private:
+  template <bool DOWN, class Fn>
+  KDPLUG_INLINE void visit(Fn&& fn) const {
+    const bool tail = main_end < V;
+    if (DOWN && tail) fn(main_end, s_tail, t_tail);
+    if (DOWN) {
+      for (int64_t k = main_end - W; k >= 0; k -= W) fn(k, s + k, t + k);
+    } else {
+      for (int64_t k = 0; k < main_end; k += W) fn(k, s + k, t + k);
+    }
+    if (!DOWN && tail) fn(main_end, s_tail, t_tail);
   }
 };
 
@@ -889,22 +908,29 @@ struct KeptScales {
   }
 };
 
-// The scales of the segment holding entry k, for a pass that visits k in increasing order.
+// The scales of the segment holding entry k, for a pass that visits k in increasing order (seek)
+// or, started with `down`, in decreasing order (seek_down).
 template <class F>
 struct ScaleCursor {
   using Vec = Vectorized<F>;
   const KeptScales<F>& ks;
   size_t j = 0;
-  int64_t next = 0;
+  int64_t lo = 0, next = 0;  // segment j: entries [lo, next)
   Vec f[3];  // P = w_t f[TEACHER], Q = w_s f[STUDENT], r = w_g f[ASSISTANT]
 
-  explicit ScaleCursor(const KeptScales<F>& ks_) : ks(ks_) { load(0); }
+  explicit ScaleCursor(const KeptScales<F>& ks_, bool down = false) : ks(ks_) {
+    load(down ? ks.start.size() - 1 : 0);
+  }
   KDPLUG_INLINE void seek(int64_t k) {
     while (C10_UNLIKELY(k >= next)) load(j + 1);
+  }
+  KDPLUG_INLINE void seek_down(int64_t k) {
+    while (C10_UNLIKELY(k < lo)) load(j - 1);
   }
   void load(size_t i) {
     j = i;
     for (int x = 0; x < 3; ++x) f[x] = Vec(ks.scale[x].empty() ? F(0) : ks.scale[x][j]);
+    lo = ks.start[j];
     next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
   }
 };
@@ -1111,12 +1137,19 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
     constexpr bool CLEAN = decltype(clean_c)::value;
     // pass C: the gradient. coef_P[j]: -sum of coef over the terms on q with lhs kept_of[j]
     // (P_A = w_A scale_A, 0 where the lhs is 0 everywhere: scale_A = 0)
+    // From the last pack to the first, as the gradient passes of _nomix and _arith: where the row
+    // and its kept exps outgrow L2, pass B leaves the row's end in cache and its start evicted, and
+    // a pass in the same order would evict each line just before it reads it. Xeon (2 MiB L2), fp32,
+    // N V = 262 M, in-process, increasing / decreasing order: V = 262144  FKL 176-182 / 165 ms,
+    // RKL 216-218 / 191-198, TVD 207-215 / 202-204, TAID 183-186 / 168-182, gJSD 301-313 / 298-300;
+    // V = 32000 and 128256 within noise. (forward_backward_rows' pass over forward_rows' kept values,
+    // ABKD and AMiD, stays in increasing order: AMiD 599-602 / 626-629 ms at V = 262144.)
     F coef_P[NX] = {};
     for (int i = 0; i < NT; ++i)
       if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT) coef_P[slot_of[lhs[i]]] -= c.coef[i];
     const Vec Uv(static_cast<F>(U)), sc(scale);
     const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
-    ScaleCursor<F> f(ks);
+    ScaleCursor<F> f(ks, /*down=*/true);
     auto u_kept = [&](int64_t k) KDPLUG_LAMBDA_INLINE {
       Vec u = zero;
       for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * f.f[kept_of[j]] * Vec::loadu(kept_w + j * Vp + k);
@@ -1124,15 +1157,15 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
     };
     if (!q_lhs) {
       // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
-      for (int64_t k = 0; k < a.V; k += W) {
-        f.seek(k);
+      for (int64_t k = Vp - W; k >= 0; k -= W) {
+        f.seek_down(k);
         const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
         store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
       }
       return;
     }
-    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-      f.seek(k);
+    row.each_down([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+      f.seek_down(k);
       const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
       const Vec lq = xs - Vec(c.lse_s);
       Vec u = u_kept(k);
@@ -1341,12 +1374,13 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
     return;
   }
 
-  // pass 3: the gradient (no transcendental)
+  // pass 3: the gradient (no transcendental), from the last pack to the first (see
+  // forward_grad_row_logit's pass C)
   const Vec Uv(static_cast<F>(U)), sc(scale);
   const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
-  ScaleCursor<F> f_d(ks);
-  for (int64_t k = 0; k < a.V; k += W) {
-    f_d.seek(k);
+  ScaleCursor<F> f_d(ks, /*down=*/true);
+  for (int64_t k = padded<W>(a.V) - W; k >= 0; k -= W) {
+    f_d.seek_down(k);
     const Vec Q = Vec::loadu(w_s + k) * f_d.f[STUDENT];
     const Vec u = tvd_exact ? h_q_at(std::false_type{}, f_d, k, zero, zero) : Vec::loadu(w_t + k);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
@@ -1461,12 +1495,13 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
     return;
   }
 
-  // pass 3: the gradient. mul0: exactly 0 where s = -inf (Q = 0 and v = 0) whatever U is.
+  // pass 3: the gradient, from the last pack to the first (see forward_grad_row_logit's pass C).
+  // mul0: exactly 0 where s = -inf (Q = 0 and v = 0) whatever U is.
   const Vec Hw(static_cast<F>(c.live_assistant ? h_r : 0.0)), Uv(static_cast<F>(U)), sc(scale);
   const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
-  ScaleCursor<F> f_d(ks);
-  for (int64_t k = 0; k < a.V; k += W) {
-    f_d.seek(k);
+  ScaleCursor<F> f_d(ks, /*down=*/true);
+  for (int64_t k = padded<W>(a.V) - W; k >= 0; k -= W) {
+    f_d.seek_down(k);
     const Vec Q = Vec::loadu(w_s + k) * f_d.f[STUDENT];
     const Vec u = Vec::loadu(w_t + k) - mul0(q_weight * Q, Hw);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - mul0(Q, Uv)) * sc);
