@@ -1137,13 +1137,14 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
     constexpr bool CLEAN = decltype(clean_c)::value;
     // pass C: the gradient. coef_P[j]: -sum of coef over the terms on q with lhs kept_of[j]
     // (P_A = w_A scale_A, 0 where the lhs is 0 everywhere: scale_A = 0)
-    // From the last pack to the first, as the gradient passes of _nomix and _arith: where the row
-    // and its kept exps outgrow L2, pass B leaves the row's end in cache and its start evicted, and
-    // a pass in the same order would evict each line just before it reads it. Xeon (2 MiB L2), fp32,
+    // From the last pack to the first (as _arith's gradient pass; _nomix's pass 2): where the row and
+    // its kept exps outgrow L2, pass B leaves the row's end in cache and its start evicted, and a
+    // pass in the same order would evict each line just before it reads it. Xeon (2 MiB L2), fp32,
     // N V = 262 M, in-process, increasing / decreasing order: V = 262144  FKL 176-182 / 165 ms,
-    // RKL 216-218 / 191-198, TVD 207-215 / 202-204, TAID 183-186 / 168-182, gJSD 301-313 / 298-300;
-    // V = 32000 and 128256 within noise. (forward_backward_rows' pass over forward_rows' kept values,
-    // ABKD and AMiD, stays in increasing order: AMiD 599-602 / 626-629 ms at V = 262144.)
+    // RKL 216-218 / 191-198, TAID 183-186 / 168-182, gJSD within noise; V = 32000 and 128256 within
+    // noise. (forward_backward_rows' pass over forward_rows' kept values, ABKD and AMiD, stays in
+    // increasing order: AMiD 599-602 / 626-629 ms at V = 262144; so does _arith's pass 2, which
+    // made no difference.)
     F coef_P[NX] = {};
     for (int i = 0; i < NT; ++i)
       if (c.coef[i] != F(0) && rhs[i] == STUDENT && lhs[i] != STUDENT) coef_P[slot_of[lhs[i]]] -= c.coef[i];
@@ -1325,7 +1326,11 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   F* w_t = kept.data();  // then h^q (with a gradient to compute)
   F* w_s = kept.data() + padded<W>(a.V);
 
-  // pass 2: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing)
+  // pass 2: the elements, the loss and U (padding entries: P = Q = 0, both logs -inf: nothing),
+  // from the last pack to the first (see forward_grad_row_logit's pass C), and pass 3 the other way.
+  // TVD, Xeon, fp32, in-process, pass 2 / 3 increasing / decreasing: N = 2048, V = 128256
+  // divergence_fwd 140-141 / 136-137 ms, divergence_fwd_grad 178-180 / 173-174; N = 1000,
+  // V = 262144 divergence_fwd_grad 208-215 / 201
   Vec e_acc[kMaxTerms], u_acc = zero;
   for (int i = 0; i < kMaxTerms; ++i) e_acc[i] = zero;
   double e_tot[kMaxTerms] = {}, U = 0;
@@ -1349,18 +1354,18 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
     return terms_at<decltype(with_loss)::value, NT>(c, logs_at<MIX_NONE>(c, xs, xt), keep_at(c, xs, xt), e_acc, &pq)
         .q;
   };
-  ScaleCursor<F> f_c(ks);
+  ScaleCursor<F> f_c(ks, /*down=*/true);
   auto entry = [&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-    f_c.seek(k);
+    f_c.seek_down(k);
     const Vec h_q = h_q_at(std::true_type{}, f_c, k, xs, xt);
     u_acc = u_acc + h_q;
     if (!tvd_exact && g_row != nullptr) O::select(O::eq(xs, ninf), zero, h_q).store(w_t + k);
     if (++packs == 64) fold();
   };
   if (tvd_exact) {
-    for (int64_t k = 0; k < a.V; k += W) entry(k, zero, zero);
+    for (int64_t k = padded<W>(a.V) - W; k >= 0; k -= W) entry(k, zero, zero);
   } else {
-    row.each(entry);
+    row.each_down(entry);
   }
   fold();
   double total = 0;
@@ -1374,13 +1379,12 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
     return;
   }
 
-  // pass 3: the gradient (no transcendental), from the last pack to the first (see
-  // forward_grad_row_logit's pass C)
+  // pass 3: the gradient (no transcendental)
   const Vec Uv(static_cast<F>(U)), sc(scale);
   const bool aligned = reinterpret_cast<uintptr_t>(g_row) % (sizeof(scalar_t) * W) == 0;
-  ScaleCursor<F> f_d(ks, /*down=*/true);
-  for (int64_t k = padded<W>(a.V) - W; k >= 0; k -= W) {
-    f_d.seek_down(k);
+  ScaleCursor<F> f_d(ks);
+  for (int64_t k = 0; k < a.V; k += W) {
+    f_d.seek(k);
     const Vec Q = Vec::loadu(w_s + k) * f_d.f[STUDENT];
     const Vec u = tvd_exact ? h_q_at(std::false_type{}, f_d, k, zero, zero) : Vec::loadu(w_t + k);
     store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
