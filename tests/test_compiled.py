@@ -3,8 +3,9 @@
 Every built-in method (and a few settings of each) runs through both backends on the same inputs;
 per-token losses and gradients must agree: fp64 to ~1e-10, fp32 to fp32 rounding, bf16 / fp16
 (fp32 math on both paths) to one rounding of the gradient's dtype. Plus: odd shapes, strided rows,
--inf patterns under both inf policies, masked rows holding NaN, opcheck, gradcheck, fallbacks, a
-third-party recipe, and torch.compile of a training step.
+-inf patterns under both inf policies, masked rows holding NaN, seeded random configurations that
+draw all of those at once, opcheck, gradcheck, fallbacks, a third-party recipe, and torch.compile of
+a training step.
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def evaluate(name, params, s, t, backend, *, mask=None, inf_policy="exact", temp
     return out.detach(), s.grad
 
 
-def assert_match(name, params, s, t, **kw):
+def assert_match(name, params, s, t, *, grad_floor=0.0, **kw):
+    """grad_floor: the least gradient scale the absolute tolerance is taken against (where the true
+    gradient is 0, e.g. student = teacher, both paths return rounding noise of the terms' size)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback on the compiled side
         out_c, grad_c = evaluate(name, params, s, t, "compiled", **kw)
@@ -52,7 +55,7 @@ def assert_match(name, params, s, t, **kw):
     assert out_c.dtype == out_t.dtype and grad_c.dtype == grad_t.dtype == s.dtype
     assert not torch.isnan(out_c).any() and torch.isfinite(grad_c.double()).all()
     torch.testing.assert_close(out_c, out_t, rtol=lr, atol=la, msg=lambda m: f"{name}({params}) loss: {m}")
-    scale = grad_t.double().abs().max().item() or 1.0
+    scale = max(grad_t.double().abs().max().item(), grad_floor) or 1.0
     torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=gr, atol=ga * scale,
                                msg=lambda m: f"{name}({params}) gradient: {m}")
     return out_c, grad_c
@@ -162,6 +165,98 @@ def test_masked_rows_are_never_read(name, params):
     s[2, 3] = NINF
     out, grad = assert_match(name, params, s, t, mask=mask)
     assert (out[~mask] == 0).all() and (grad[~mask] == 0).all()
+
+
+
+# ---- random configurations -----------------------------------------------------------------------
+# The sweeps above vary one axis at a time. Here every axis is drawn at once, seeded: method and
+# parameters (their endpoints included), temperature, inf policy, shape (V from 1 to a few
+# thousand: several SIMD packs, segments of kept exps), dtype, strided rows, a -inf pattern, masked
+# rows holding NaN and the incoming gradient (zero for some tokens), so that combinations no sweep
+# names still meet the PyTorch path.
+def random_params(name, rng):
+    u, pick = rng.random, rng.choice
+    if name == "fkl":
+        return {"form": pick(["kl", "ce"])}
+    if name == "symmetric_kl":
+        return {"lam": pick([0.0, 1.0, 0.9, u()]), "form": pick(["kl", "ce"])}
+    if name == "gjsd":
+        return {"beta": pick([0.0, 1.0, 0.5, u()]), "normalized": pick([False, True])}
+    if name == "skl":
+        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "form": pick(["kl", "ce"])}
+    if name == "srkl":
+        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "detach_mixture": pick([False, True])}
+    if name == "abkd":
+        return {"alpha": pick([0.0, 1.0, 0.2, 1.5 * u()]), "beta": pick([0.0, 1.0, 0.7, 1.5 * u()]),
+                "limit_scale": pick(["continuous", "abkd_repo"])}
+    if name == "akl":
+        return {"mu": pick([0.5, u()]), "variant": pick(["official", "kdflow"])}
+    if name == "taid":
+        return {"t_start": pick([0.0, 1.0, 0.4, u()]), "value": pick(["ce", "kl"])}
+    if name == "amid":
+        return {"alpha": pick([-1.0, 1.0, 0.5, -3.0, 3.0, 2 * u() - 1]), "lam": pick([0.0, 1.0, 0.5, u()]),
+                "divergence": pick(["ab", "kl"]), "order": pick(["pr", "rp", "qr", "rq"]),
+                "alpha_ge_1": pick(["geometric", "power_mean"])}
+    if name == "distillm2":
+        return {"alpha_1": pick([0.0, 0.1, u()]), "alpha_2": pick([0.0, 0.1, u()])}
+    return {}
+
+
+def random_case(seed):
+    import random
+
+    rng = random.Random(seed)
+    name = rng.choice(METHODS)
+    params = random_params(name, rng)
+    lead = rng.choice([(rng.randint(1, 5),), (2, rng.randint(1, 3))])
+    V = rng.choice([1, 2, 3, 15, 16, 17, 31, 33, 100, 257, rng.randint(1, 600), rng.randint(1000, 4000)])
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([1.0, 3.0, 8.0])
+    s = 0.7 * t + torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([0.5, 2.0, 5.0])
+    pattern = rng.choice(["none", "none", "padded", "teacher", "student", "both", "equal"])
+    if pattern == "padded" and V > 1:
+        k = rng.randint(1, V - 1)
+        s[..., V - k:] = NINF
+        t[..., V - k:] = NINF
+    elif pattern in ("teacher", "student", "both"):
+        hit = torch.rand(*lead, V, generator=g) < rng.choice([0.05, 0.4])
+        hit[..., 0] = False  # every row keeps a finite entry on both sides
+        if pattern != "student":
+            t[hit] = NINF
+        if pattern != "teacher":
+            s[hit] = NINF
+    elif pattern == "equal":
+        s = t.clone()
+    kw = {"temperature": rng.choice([1.0, 0.5, 2.0, rng.uniform(0.3, 3.0)]),
+          "inf_policy": rng.choice(["exact", "exclude"])}
+    if rng.random() < 0.4:
+        mask = torch.rand(lead, generator=g) < 0.7
+        s[~mask] = float("nan")  # never read
+        kw["mask"] = mask
+    if rng.random() < 0.5:
+        grad_out = torch.randn(lead, generator=g, dtype=torch.float64) * 2
+        grad_out[torch.rand(lead, generator=g) < 0.3] = 0.0
+        kw["grad_out"] = grad_out.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    s, t = s.to(dtype), t.to(dtype)
+    if rng.random() < 0.3:  # rows of wider tensors (row strides > V, different for the two sides)
+        wide_s = torch.zeros(*lead, V + 5, dtype=dtype)
+        wide_t = torch.zeros(*lead, V + 3, dtype=dtype)
+        wide_s[..., 2:2 + V] = s
+        wide_t[..., 1:1 + V] = t
+        s, t = wide_s[..., 2:2 + V], wide_t[..., 1:1 + V]
+    return name, params, s, t, kw
+
+
+@pytest.mark.parametrize("seed", range(160))
+def test_random_configurations(seed):
+    name, params, s, t, kw = random_case(seed)
+    # the gradient's natural size: |incoming gradient| / T (each entry's dloss/ds is O(1) / T)
+    floor = (kw["grad_out"].abs().max().item() if "grad_out" in kw else 2.0) / kw["temperature"]
+    out, grad = assert_match(name, params, s, t, grad_floor=floor, **kw)
+    assert (grad[s == NINF] == 0).all(), "gradient at a -inf student logit"
+    if "mask" in kw:
+        assert (out[~kw["mask"]] == 0).all() and (grad[~kw["mask"]] == 0).all()
 
 
 def test_unmasked_dead_rows_raise():
