@@ -282,7 +282,7 @@ class _ForwardGradRecipeLoss(torch.autograd.Function):
     step on cached rows. The backward returns the kept gradient as it is when the incoming
     gradient equals ``expected`` on every unmasked row (``loss.backward()`` on KDLoss' reduced
     loss), scales its rows when they differ by a finite factor per row (a loss scaled further: one
-    pass over the gradient; in bfloat16 / float16 only by one factor for all rows), and otherwise
+    pass over the gradient; in bfloat16 / float16 only by a power of two common to all rows), and otherwise
     (a row that expected 0 receives a gradient, a second backward through the graph) recomputes it
     with ``divergence_fwd_grad`` for the incoming gradient. The cost: the gradient's memory is held
     from the forward on, and a forward that is never differentiated did its work.
@@ -329,12 +329,17 @@ def _kept_grad(grad, grad_loss, expected, row_mask):
     ratio = torch.where(row_mask, grad_loss, one) / torch.where(row_mask, expected, one)
     if bool((ratio == 1).all()):
         return grad
-    # NB: in bfloat16 / float16 only a factor common to all rows (a loss scaled by a constant, as
-    # autograd scales any gradient): the second rounding costs up to an ulp of the gradient's
-    # precision, where divergence_bwd rounds once
-    if bool(torch.isfinite(ratio).all()) and (grad.dtype in (torch.float32, torch.float64)
-                                              or bool((ratio == ratio[0]).all())):
+    if not bool(torch.isfinite(ratio).all()):
+        return None
+    if grad.dtype in (torch.float32, torch.float64):
         return grad.mul_(ratio[:, None])
+    # NB: in bfloat16 / float16 only by a power of two common to the unmasked rows (loss / 4,
+    # 0.5 * loss): that product is exact (barring float16 underflow), where any other factor would
+    # round the rounded gradient again, up to an ulp off where divergence_bwd and the PyTorch path
+    # are half of one off
+    live = ratio[row_mask]  # (not empty: with every row masked, ratio is 1 everywhere)
+    if bool((live == live[0]).all()) and float(torch.frexp(live[0]).mantissa.abs()) == 0.5:
+        return grad.mul_(live[0])  # (masked rows are 0 whatever the factor)
     return None
 
 

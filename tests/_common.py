@@ -127,3 +127,91 @@ def make_logits(shape, dtype=torch.float32, seed=0):
     t[..., : min(3, shape[-1])] += 8  # a few confident entries
     s = 0.7 * t + torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
     return s.to(dtype), t.to(dtype)
+
+
+# ---- random configurations -----------------------------------------------------------------------
+# The sweeps vary one axis at a time. random_case(seed) draws every axis at once: method and
+# parameters (their endpoints included), temperature, inf policy, shape (V from 1 to a few
+# thousand: several SIMD packs, segments of kept exps), dtype, strided rows, a -inf pattern, masked
+# rows holding NaN and an incoming gradient (zero for some tokens), so that combinations no sweep
+# names still meet the PyTorch path (tests/test_compiled.py) and the float64 reference
+# (tests/test_methods.py).
+def random_params(name, rng):
+    u, pick = rng.random, rng.choice
+    if name == "fkl":
+        return {"form": pick(["kl", "ce"])}
+    if name == "symmetric_kl":
+        return {"lam": pick([0.0, 1.0, 0.9, u()]), "form": pick(["kl", "ce"])}
+    if name == "gjsd":
+        return {"beta": pick([0.0, 1.0, 0.5, u()]), "normalized": pick([False, True])}
+    if name == "skl":
+        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "form": pick(["kl", "ce"])}
+    if name == "srkl":
+        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "detach_mixture": pick([False, True])}
+    if name == "abkd":
+        return {"alpha": pick([0.0, 1.0, 0.2, 1.5 * u()]), "beta": pick([0.0, 1.0, 0.7, 1.5 * u()]),
+                "limit_scale": pick(["continuous", "abkd_repo"])}
+    if name == "akl":
+        return {"mu": pick([0.5, u()]), "variant": pick(["official", "kdflow"])}
+    if name == "taid":
+        return {"t_start": pick([0.0, 1.0, 0.4, u()]), "value": pick(["ce", "kl"])}
+    if name == "amid":
+        return {"alpha": pick([-1.0, 1.0, 0.5, -3.0, 3.0, 2 * u() - 1]), "lam": pick([0.0, 1.0, 0.5, u()]),
+                "divergence": pick(["ab", "kl"]), "order": pick(["pr", "rp", "qr", "rq"]),
+                "alpha_ge_1": pick(["geometric", "power_mean"])}
+    if name == "distillm2":
+        return {"alpha_1": pick([0.0, 0.1, u()]), "alpha_2": pick([0.0, 0.1, u()])}
+    return {}
+
+
+def random_case(seed):
+    """A dict: name, params, s and t (float64 [..., V]; the test rounds them to `dtype`), dtype,
+    temperature, inf_policy, mask (or None; its False rows of s hold NaN), grad_out (float64, the
+    leading shape, or None) and strided (whether to pass rows of wider tensors)."""
+    import random
+
+    rng = random.Random(seed)
+    name = rng.choice(METHODS)
+    case = {"name": name, "params": random_params(name, rng)}
+    lead = rng.choice([(rng.randint(1, 5),), (2, rng.randint(1, 3))])
+    V = rng.choice([1, 2, 3, 15, 16, 17, 31, 33, 100, 257, rng.randint(1, 600), rng.randint(1000, 4000)])
+    case["dtype"] = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([1.0, 3.0, 8.0])
+    s = 0.7 * t + torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([0.5, 2.0, 5.0])
+    pattern = rng.choice(["none", "none", "padded", "teacher", "student", "both", "equal"])
+    if pattern == "padded" and V > 1:
+        k = rng.randint(1, V - 1)
+        s[..., V - k:] = float("-inf")
+        t[..., V - k:] = float("-inf")
+    elif pattern in ("teacher", "student", "both"):
+        hit = torch.rand(*lead, V, generator=g) < rng.choice([0.05, 0.4])
+        hit[..., 0] = False  # every row keeps a finite entry on both sides
+        if pattern != "student":
+            t[hit] = float("-inf")
+        if pattern != "teacher":
+            s[hit] = float("-inf")
+    elif pattern == "equal":  # the true gradient is 0: both paths return rounding noise
+        s = t.clone()
+    case["temperature"] = rng.choice([1.0, 0.5, 2.0, rng.uniform(0.3, 3.0)])
+    case["inf_policy"] = rng.choice(["exact", "exclude"])
+    case["mask"] = case["grad_out"] = None
+    if rng.random() < 0.4:
+        case["mask"] = torch.rand(lead, generator=g) < 0.7
+        s[~case["mask"]] = float("nan")  # never read
+    if rng.random() < 0.5:
+        case["grad_out"] = torch.randn(lead, generator=g, dtype=torch.float64) * 2
+        case["grad_out"][torch.rand(lead, generator=g) < 0.3] = 0.0
+    case["strided"] = rng.random() < 0.3
+    case["s"], case["t"] = s, t
+    return case
+
+
+def strided_rows(s, t):
+    """s and t as rows of wider tensors (row strides > V, different for the two sides)."""
+    V = s.shape[-1]
+    wide_s = torch.zeros(*s.shape[:-1], V + 5, dtype=s.dtype)
+    wide_t = torch.zeros(*t.shape[:-1], V + 3, dtype=t.dtype)
+    wide_s[..., 2:2 + V] = s
+    wide_t[..., 1:1 + V] = t
+    return wide_s[..., 2:2 + V], wide_t[..., 1:1 + V]

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import kdplug
-from _common import CASE_IDS, CASES, FWD_GRAD_TOL, TOL, VARIANTS, kept_exps, make_logits  # noqa: F401
+from _common import (CASE_IDS, CASES, FWD_GRAD_TOL, TOL, VARIANTS, kept_exps, make_logits,  # noqa: F401
+                     random_case, strided_rows)
 METHODS = sorted(m.name for m in kdplug.list_methods())
 from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
 from kdplug._pack import params_tensor, structure_and_consts
@@ -167,96 +168,22 @@ def test_masked_rows_are_never_read(name, params):
     assert (out[~mask] == 0).all() and (grad[~mask] == 0).all()
 
 
-
-# ---- random configurations -----------------------------------------------------------------------
-# The sweeps above vary one axis at a time. Here every axis is drawn at once, seeded: method and
-# parameters (their endpoints included), temperature, inf policy, shape (V from 1 to a few
-# thousand: several SIMD packs, segments of kept exps), dtype, strided rows, a -inf pattern, masked
-# rows holding NaN and the incoming gradient (zero for some tokens), so that combinations no sweep
-# names still meet the PyTorch path.
-def random_params(name, rng):
-    u, pick = rng.random, rng.choice
-    if name == "fkl":
-        return {"form": pick(["kl", "ce"])}
-    if name == "symmetric_kl":
-        return {"lam": pick([0.0, 1.0, 0.9, u()]), "form": pick(["kl", "ce"])}
-    if name == "gjsd":
-        return {"beta": pick([0.0, 1.0, 0.5, u()]), "normalized": pick([False, True])}
-    if name == "skl":
-        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "form": pick(["kl", "ce"])}
-    if name == "srkl":
-        return {"alpha": pick([0.0, 1.0, 0.1, u()]), "detach_mixture": pick([False, True])}
-    if name == "abkd":
-        return {"alpha": pick([0.0, 1.0, 0.2, 1.5 * u()]), "beta": pick([0.0, 1.0, 0.7, 1.5 * u()]),
-                "limit_scale": pick(["continuous", "abkd_repo"])}
-    if name == "akl":
-        return {"mu": pick([0.5, u()]), "variant": pick(["official", "kdflow"])}
-    if name == "taid":
-        return {"t_start": pick([0.0, 1.0, 0.4, u()]), "value": pick(["ce", "kl"])}
-    if name == "amid":
-        return {"alpha": pick([-1.0, 1.0, 0.5, -3.0, 3.0, 2 * u() - 1]), "lam": pick([0.0, 1.0, 0.5, u()]),
-                "divergence": pick(["ab", "kl"]), "order": pick(["pr", "rp", "qr", "rq"]),
-                "alpha_ge_1": pick(["geometric", "power_mean"])}
-    if name == "distillm2":
-        return {"alpha_1": pick([0.0, 0.1, u()]), "alpha_2": pick([0.0, 0.1, u()])}
-    return {}
-
-
-def random_case(seed):
-    import random
-
-    rng = random.Random(seed)
-    name = rng.choice(METHODS)
-    params = random_params(name, rng)
-    lead = rng.choice([(rng.randint(1, 5),), (2, rng.randint(1, 3))])
-    V = rng.choice([1, 2, 3, 15, 16, 17, 31, 33, 100, 257, rng.randint(1, 600), rng.randint(1000, 4000)])
-    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([1.0, 3.0, 8.0])
-    s = 0.7 * t + torch.randn(*lead, V, generator=g, dtype=torch.float64) * rng.choice([0.5, 2.0, 5.0])
-    pattern = rng.choice(["none", "none", "padded", "teacher", "student", "both", "equal"])
-    if pattern == "padded" and V > 1:
-        k = rng.randint(1, V - 1)
-        s[..., V - k:] = NINF
-        t[..., V - k:] = NINF
-    elif pattern in ("teacher", "student", "both"):
-        hit = torch.rand(*lead, V, generator=g) < rng.choice([0.05, 0.4])
-        hit[..., 0] = False  # every row keeps a finite entry on both sides
-        if pattern != "student":
-            t[hit] = NINF
-        if pattern != "teacher":
-            s[hit] = NINF
-    elif pattern == "equal":
-        s = t.clone()
-    kw = {"temperature": rng.choice([1.0, 0.5, 2.0, rng.uniform(0.3, 3.0)]),
-          "inf_policy": rng.choice(["exact", "exclude"])}
-    if rng.random() < 0.4:
-        mask = torch.rand(lead, generator=g) < 0.7
-        s[~mask] = float("nan")  # never read
-        kw["mask"] = mask
-    if rng.random() < 0.5:
-        grad_out = torch.randn(lead, generator=g, dtype=torch.float64) * 2
-        grad_out[torch.rand(lead, generator=g) < 0.3] = 0.0
-        kw["grad_out"] = grad_out.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    s, t = s.to(dtype), t.to(dtype)
-    if rng.random() < 0.3:  # rows of wider tensors (row strides > V, different for the two sides)
-        wide_s = torch.zeros(*lead, V + 5, dtype=dtype)
-        wide_t = torch.zeros(*lead, V + 3, dtype=dtype)
-        wide_s[..., 2:2 + V] = s
-        wide_t[..., 1:1 + V] = t
-        s, t = wide_s[..., 2:2 + V], wide_t[..., 1:1 + V]
-    return name, params, s, t, kw
-
-
+# Random configurations (_common.random_case): every axis of the sweeps above drawn at once.
 @pytest.mark.parametrize("seed", range(160))
 def test_random_configurations(seed):
-    name, params, s, t, kw = random_case(seed)
+    c = random_case(seed)
+    s, t = c["s"].to(c["dtype"]), c["t"].to(c["dtype"])
+    if c["strided"]:
+        s, t = strided_rows(s, t)
+    kw = {"temperature": c["temperature"], "inf_policy": c["inf_policy"], "mask": c["mask"]}
+    if c["grad_out"] is not None:
+        kw["grad_out"] = c["grad_out"].to(torch.float64 if c["dtype"] == torch.float64 else torch.float32)
     # the gradient's natural size: |incoming gradient| / T (each entry's dloss/ds is O(1) / T)
-    floor = (kw["grad_out"].abs().max().item() if "grad_out" in kw else 2.0) / kw["temperature"]
-    out, grad = assert_match(name, params, s, t, grad_floor=floor, **kw)
+    grad_out_max = 2.0 if c["grad_out"] is None else c["grad_out"].abs().max().item()
+    out, grad = assert_match(c["name"], c["params"], s, t, grad_floor=grad_out_max / c["temperature"], **kw)
     assert (grad[s == NINF] == 0).all(), "gradient at a -inf student logit"
-    if "mask" in kw:
-        assert (out[~kw["mask"]] == 0).all() and (grad[~kw["mask"]] == 0).all()
+    if c["mask"] is not None:
+        assert (out[~c["mask"]] == 0).all() and (grad[~c["mask"]] == 0).all()
 
 
 def test_unmasked_dead_rows_raise():
@@ -915,14 +842,20 @@ def test_no_gradient_in_the_forward_when_not_training():
 
 @pytest.mark.parametrize("name", ["fkl", "amid", "abkd"])
 def test_gradient_in_the_forward_bf16_scaled_loss(name):
-    """bf16: a loss scaled by a constant (kd_ratio * kd + ...) rescales the kept gradient; per-row
-    weights recompute it (one rounding, as divergence_bwd)."""
+    """bf16: a loss scaled by a power of two (loss / 4) rescales the kept gradient, exactly; any
+    other factor (kd_ratio * kd + ...) and per-row weights recompute it, so that it is rounded
+    once: within half a bf16 ulp of the float32 gradient for the same incoming gradient."""
     s, t = make_logits((2, 3, 41), torch.bfloat16, seed=12)
     mask = torch.tensor([[True, False, True], [True, True, True]])
     weights = torch.tensor([[1.0, 2.0, -1.0], [0.5, 3.0, 1.5]])
-    for outer, reduction in [(lambda loss: 0.3 * loss, "mean"), (lambda loss: (loss * weights).sum(), "none")]:
-        loss_c, grad_c, _ = _train_grad(name, "compiled", s, t, mask, reduction=reduction, outer=outer)
-        loss_t, grad_t, _ = _train_grad(name, "torch", s, t, mask, reduction=reduction, outer=outer)
-        _, _, rtol, atol = TOL[torch.bfloat16]
-        torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=rtol,
-                                   atol=atol * grad_t.double().abs().max().item())
+    _, unscaled, _ = _train_grad(name, "compiled", s, t, mask, reduction="mean")
+    _, quarter, _ = _train_grad(name, "compiled", s, t, mask, reduction="mean", outer=lambda loss: loss / 4)
+    assert torch.equal(quarter, unscaled / 4)
+    every = torch.ones_like(mask)
+    for outer, reduction, m in [(lambda loss: 0.3 * loss, "mean", every), (lambda loss: 0.3 * loss, "mean", mask),
+                                (lambda loss: (loss * weights).sum(), "none", mask)]:
+        _, grad_c, _ = _train_grad(name, "compiled", s, t, m, reduction=reduction, outer=outer)
+        _, grad_32, _ = _train_grad(name, "compiled", s.float(), t.float(), m, reduction=reduction, outer=outer)
+        g, g32 = grad_c.double(), grad_32.double()
+        half_ulp = torch.exp2(torch.floor(torch.log2(g32.abs().clamp_min(1e-30))) - 8)  # bf16: 8 significant bits
+        assert ((g - g32).abs() <= half_ulp * 1.01 + 1e-12).all(), f"{name}: bf16 gradient rounded twice"

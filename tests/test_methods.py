@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kdplug
-from _common import BACKENDS, METHODS, single_thread  # noqa: F401 (single_thread applies itself)
+from _common import BACKENDS, METHODS, random_case, single_thread  # noqa: F401 (single_thread applies itself)
 import reference as ref
 
 
@@ -352,3 +352,14 @@ def test_akl_head_from_topk_equals_the_reference_rule(monkeypatch, top):
         for mu in (0.2, 0.5, 0.8):
             got = akl.head_tail_weights(lp, lq, mu=mu, order="descending")
             torch.testing.assert_close(got, ref.akl_weights(lp, lq, mu, "official"), rtol=1e-12, atol=1e-14)
+
+
+# Random configurations (_common.random_case: every axis drawn at once), both backends against the
+# float64 reference.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(80))
+def test_random_configurations(seed, backend):
+    c = random_case(1000 + seed)
+    check_method(c["name"], c["params"], c["s"], c["t"], T=c["temperature"], policy=c["inf_policy"],
+                 mask=c["mask"], dtype=c["dtype"], seed=seed, backend=backend)
+
