@@ -52,7 +52,8 @@ def _mm_into(grad_logits, weight, out_dtype):
     return out.to(out_dtype)
 
 
-def _teacher_chunk(teacher, rows):
+def _teacher_chunk(teacher, rows, dtype):
+    """The teacher's rows for a chunk whose student logits are ``dtype`` (fp32, or fp64)."""
     if isinstance(teacher, TopK):
         k = teacher.indices.shape[-1]
         return TopK(teacher.indices.reshape(-1, k)[rows], teacher.values.reshape(-1, k)[rows], teacher.kind,
@@ -61,7 +62,10 @@ def _teacher_chunk(teacher, rows):
         hidden, weight, bias = teacher
         with torch.no_grad():
             return _logits_fp32(hidden[rows], weight, bias)
-    return teacher[rows]
+    rows = teacher[rows]
+    # half-precision teacher logits are widened (exactly) to the student chunk's dtype: the compiled
+    # core takes both sides in one dtype, and a chunk is small enough to copy
+    return rows.to(dtype) if rows.dtype in (torch.bfloat16, torch.float16) else rows
 
 
 def chunk_rows_for(budget_bytes: int, vocab: int, buffers: int = 2, dtype_bytes: int = 4) -> int:
@@ -91,7 +95,7 @@ class FusedLMHead(torch.autograd.Function):
             h = hidden[rows]
             logits = _logits_fp32(h, weight, bias).requires_grad_(any(need))
             with torch.enable_grad():
-                teacher_rows = _teacher_chunk(teacher, rows)
+                teacher_rows = _teacher_chunk(teacher, rows, logits.dtype)
                 student_rows = logits
                 if not isinstance(teacher_rows, TopK):
                     student_rows, teacher_rows = align(logits, teacher_rows)

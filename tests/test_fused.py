@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kdplug
+from _common import compiled_available
 
 METHODS = [m.name for m in kdplug.list_methods()]
 
@@ -55,15 +56,17 @@ def test_fused_with_a_topk_teacher_and_num_items():
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_half_precision_uses_fp32_logits(dtype):
-    """bf16 hidden states and weight: the logits reach the divergence in fp32 (not rounded to bf16)."""
+def test_fused_half_precision_uses_fp32_logits(dtype, teacher_dtype):
+    """bf16 hidden states and weight: the logits reach the divergence in fp32 (not rounded to bf16);
+    bf16 teacher logits are widened to meet them, so the compiled core runs on the chunks."""
     h, W, b, th, tW, labels = _problem(dtype=torch.float32, seed=2, V=64)
     h, W = h.to(dtype), W.to(dtype)
     leaves = [x.requires_grad_() for x in (h, W)]
-    fn = kdplug.get("fkl")
-    teacher = (th @ tW.T)
-    reference = fn(h.float() @ W.float().T, teacher, labels=labels)  # fp32 logits from the same inputs
+    fn = kdplug.get("fkl", backend="compiled" if compiled_available() else "torch")
+    teacher = (th @ tW.T).to(teacher_dtype)
+    reference = fn(h.float() @ W.float().T, teacher.float(), labels=labels)  # fp32 logits from the same inputs
     g_ref = _grads(reference, leaves)
     fused = fn.fused(h, W, teacher=teacher, labels=labels, chunk_size=4)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
