@@ -362,4 +362,3 @@ def test_random_configurations(seed, backend):
     c = random_case(1000 + seed)
     check_method(c["name"], c["params"], c["s"], c["t"], T=c["temperature"], policy=c["inf_policy"],
                  mask=c["mask"], dtype=c["dtype"], seed=seed, backend=backend)
-
