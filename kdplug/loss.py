@@ -593,17 +593,29 @@ def _reduction_weights(token_mask, reduction, num_items):
             raise ValueError("kdplug: num_items is used by reduction 'mean', 'batchmean' and 'sequence' only")
         return ones
     if num_items is not None:
-        denominator = torch.as_tensor(num_items, device=ones.device).to(torch.float64).clamp_min(1)
+        denominator = _items_denominator(num_items, ones.device, torch.float64)
     elif reduction == "mean":
         denominator = ones.sum().clamp_min(1)
     else:
         if ones.dim() == 0:
             raise ValueError(f"kdplug: reduction={reduction!r} needs a batch dimension [B, ..., H]")
-        denominator = ones.shape[0]
+        denominator = max(ones.shape[0], 1)
     if reduction == "sequence" and ones.dim() > 1:
         per_sequence = ones.sum(dim=tuple(range(1, ones.dim())), keepdim=True).clamp_min(1)
         return ones / per_sequence / denominator
     return ones / denominator
+
+
+def _items_denominator(num_items, device, dtype):
+    """num_items as the denominator of a reduction: a single count >= 0, and 1 where it is 0 (no
+    token anywhere: the sum is 0 too). A Python number is checked here; a tensor's value is not
+    (reading it would synchronize the device and break torch.compile graphs)."""
+    if isinstance(num_items, (int, float)) and not (math.isfinite(num_items) and num_items >= 0):
+        raise ValueError(f"kdplug: num_items must be a finite count >= 0, got {num_items!r}")
+    num_items = torch.as_tensor(num_items, device=device)
+    if num_items.numel() != 1:
+        raise ValueError("kdplug: num_items must be a single count")
+    return num_items.to(dtype).clamp_min(1)
 
 
 def _reduce(per_token, token_mask, reduction, num_items):
@@ -616,10 +628,7 @@ def _reduce(per_token, token_mask, reduction, num_items):
             raise ValueError("kdplug: num_items is used by reduction 'mean', 'batchmean' and 'sequence' only")
         return per_token.sum()
     if num_items is not None:
-        num_items = torch.as_tensor(num_items, device=per_token.device)
-        if num_items.numel() != 1:
-            raise ValueError("kdplug: num_items must be a single count")
-        denominator = num_items.to(per_token.dtype).clamp_min(1)
+        denominator = _items_denominator(num_items, per_token.device, per_token.dtype)
     if reduction == "mean":
         if num_items is None:
             denominator = token_mask.sum().to(per_token.dtype).clamp_min(1)
@@ -628,7 +637,7 @@ def _reduce(per_token, token_mask, reduction, num_items):
         raise ValueError(f"kdplug: reduction={reduction!r} needs logits with a batch dimension [B, ..., V]")
     if reduction == "batchmean":
         if num_items is None:
-            denominator = per_token.shape[0]
+            denominator = max(per_token.shape[0], 1)  # (an empty batch: 0, as a fully masked one)
         return per_token.sum() / denominator
     # "sequence": the token mean of each sequence (first dimension), then the mean over sequences;
     # a sequence without unmasked tokens contributes 0.
@@ -636,5 +645,5 @@ def _reduce(per_token, token_mask, reduction, num_items):
     per_sequence = per_token.sum(dim=dims) / token_mask.sum(dim=dims).to(per_token.dtype).clamp_min(1) \
         if dims else per_token
     if num_items is None:
-        denominator = per_token.shape[0]
+        denominator = max(per_token.shape[0], 1)
     return per_sequence.sum() / denominator

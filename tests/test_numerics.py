@@ -143,6 +143,20 @@ def test_fully_masked_batch(name, reduction, fill, backend):
         assert torch.equal(g, torch.zeros_like(s)), "fully masked batch: gradient not exactly zero"
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean", "sequence"])
+@pytest.mark.parametrize("name", METHODS)
+def test_empty_batch(name, reduction, backend):
+    """No rows at all (a batch of 0 sequences): 0 for the scalar reductions, as a fully masked
+    batch, never 0 / 0 (batchmean and sequence divide by the batch size)."""
+    s = torch.randn(0, 3, 7, requires_grad=True)
+    loss = kdplug.get(name, backend=backend, reduction=reduction)(s, torch.randn(0, 3, 7), **_flags(name, (0, 3)))
+    assert loss.shape == ((0, 3) if reduction == "none" else ())
+    assert (loss == 0).all() and loss.requires_grad
+    (g,) = torch.autograd.grad(loss.sum(), s)
+    assert g.shape == s.shape
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fill", ["nan", "neginf", "posinf"])
 @pytest.mark.parametrize("name", METHODS)
@@ -320,6 +334,20 @@ def test_num_items_gives_the_big_batch_gradient():
     torch.testing.assert_close(acc, big, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
 
+
+
+def test_num_items_must_be_a_count():
+    s, t = ref.make_logits((3, 5, 9), "finite", seed=50)
+    fn = kdplug.get("fkl")
+    for bad in (-3, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="num_items must be a finite count >= 0"):
+            fn(s, t, num_items=bad)
+    with pytest.raises(ValueError, match="num_items must be a single count"):
+        fn(s, t, num_items=torch.tensor([3, 4]))
+    # 0 (no token in the whole batch) divides by 1: a fully masked batch's 0, never 0 / 0
+    empty = torch.zeros(3, 5, dtype=torch.bool)
+    assert fn(s, t, mask=empty, num_items=0) == 0
+    assert torch.equal(fn(s, t, num_items=torch.tensor(7)), fn(s, t, num_items=7))
 
 # --------------------------------------------------------------------------------------------
 # Errors
