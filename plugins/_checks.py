@@ -17,3 +17,10 @@ def choice(method: str, name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"{method}: {name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def flag(method: str, name: str, value) -> bool:
+    # NB: a bool, not any truthy value: the string "False" (a config file read as text) would be True
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: {name} must be True or False, got {value!r}")
+    return value

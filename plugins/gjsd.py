@@ -24,11 +24,12 @@ linkedin/Liger-Kernel ``LigerJSD(beta)``          beta
 import kdplug
 from kdplug import Assistant, Method, Recipe, Term
 
-from ._checks import number
+from ._checks import flag, number
 
 
 def build(beta: float = 0.5, normalized: bool = False) -> Recipe:
     beta = number("gjsd", "beta", beta, 0.0, 1.0)
+    normalized = flag("gjsd", "normalized", normalized)
     if beta == 0.0:
         return Recipe(Term("teacher", "student"))
     if beta == 1.0:

@@ -2,7 +2,7 @@
 import kdplug
 from kdplug import Assistant, Method, Recipe, Term
 
-from ._checks import number
+from ._checks import flag, number
 
 
 def build(alpha: float = 0.1, detach_mixture: bool = False) -> Recipe:
@@ -10,7 +10,8 @@ def build(alpha: float = 0.1, detach_mixture: bool = False) -> Recipe:
     ``detach_mixture=True`` stops the gradient through the mixture, as DistiLLM-2 does."""
     alpha = number("srkl", "alpha", alpha, 0.0, 1.0)
     return Recipe(Term("student", "assistant"),
-                  assistant=Assistant(lam=1.0 - alpha, alpha=-1.0, detach=bool(detach_mixture)))
+                  assistant=Assistant(lam=1.0 - alpha, alpha=-1.0,
+                                    detach=flag("srkl", "detach_mixture", detach_mixture)))
 
 
 @kdplug.hookimpl

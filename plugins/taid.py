@@ -23,7 +23,7 @@ import torch
 import kdplug
 from kdplug import Assistant, Divergence, Method, Recipe, Schedule, Term
 
-from ._checks import choice, number
+from ._checks import choice, flag, number
 
 
 def _validate(t_start, t_end, step_size, momentum, adaptive, total_steps, value, update_every):
@@ -36,6 +36,7 @@ def _validate(t_start, t_end, step_size, momentum, adaptive, total_steps, value,
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                     or total_steps < 1):
         raise ValueError(f"taid: total_steps must be a positive int or None, got {total_steps!r}")
+    flag("taid", "adaptive", adaptive)
     if not adaptive and total_steps is None:
         raise ValueError("taid: adaptive=False follows the linear schedule and needs total_steps")
     choice("taid", "value", value, ("ce", "kl"))

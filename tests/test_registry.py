@@ -312,6 +312,9 @@ def test_unknown_parameter_lists_accepted_ones():
     ("gjsd", {"beta": 1.5}, "beta"),
     ("skl", {"alpha": 2.0}, "alpha"),
     ("fkl", {"form": "nope"}, "form"),
+    ("srkl", {"detach_mixture": "False"}, "detach_mixture"),  # a truthy string is not True
+    ("gjsd", {"normalized": 1}, "normalized"),
+    ("taid", {"adaptive": "no"}, "adaptive"),
 ])
 def test_out_of_range_parameter_names_it(name, params, parameter):
     with pytest.raises(ValueError, match=parameter):
