@@ -98,6 +98,10 @@ def rows(student_rows: torch.Tensor, topk: TopK, temperature: float, vocab: int,
         raise ValueError(f"kdplug: the TopK teacher has leading shape {tuple(topk.indices.shape[:-1])}, "
                          "which does not match student_logits")
     dtype = torch.float64 if torch.float64 in (student_rows.dtype, values.dtype) else torch.float32
+    ordered = indices.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1) & row_mask
+    torch._assert_async(~repeated.any(), "kdplug: TopK.indices must be distinct ids within a position "
+                                         "(an id given twice would count its probability twice)")
     indices = torch.where(row_mask[:, None], indices, 0)
     torch._assert_async(((indices >= 0) & (indices < vocab)).all(),
                         f"kdplug: TopK.indices must be vocabulary ids in [0, {vocab})")
@@ -115,10 +119,17 @@ def rows(student_rows: torch.Tensor, topk: TopK, temperature: float, vocab: int,
     scale = topk.temperature / temperature if retemper else 1.0
     if topk.tail == "renormalize":
         return torch.log_softmax(lq, dim=-1), torch.log_softmax(lp * scale, dim=-1)
+    # NB: the tail is 1 - sum exp(lp). Stored log-probabilities may sum a little above 1 (bf16
+    # rounding: the tail is then 0), but not by more than 1%: that is what raw logits passed as
+    # kind="logprobs" look like. (NaN passes here: the rows' own check names it.)
+    log_mass = torch.logsumexp(lp, dim=-1, keepdim=True)
+    too_much = (log_mass > 0.01) & row_mask[:, None]
+    torch._assert_async(~too_much.any(), "kdplug: TopK values (kind='logprobs', tail='bucket') hold more than 1 "
+                                         "of probability at some position; for raw logits pass kind='logits'")
     if k == vocab:  # the ids cover the vocabulary: the bucket is empty on both sides
         tail_p = tail_q = torch.full_like(lq[:, :1], NEG_INF)
     else:
-        tail_p = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True))
+        tail_p = _log1mexp(log_mass)
         tail_q = _safe_logsumexp(s.scatter(-1, indices, NEG_INF)) - lse
     teacher = torch.cat([lp, tail_p], dim=-1)
     if retemper:

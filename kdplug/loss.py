@@ -113,6 +113,8 @@ class KDLoss(nn.Module):
             raise ValueError(f"kdplug.get: vocab_align must be one of {VOCAB_ALIGN}, got {vocab_align!r}")
         if not isinstance(inplace_backward, bool):
             raise TypeError(f"kdplug.get: inplace_backward must be a bool, got {inplace_backward!r}")
+        if not isinstance(t2_scale, bool):
+            raise TypeError(f"kdplug.get: t2_scale must be a bool, got {t2_scale!r}")
         if process_group is not None and vocab_align is not None:
             raise ValueError("kdplug.get: vocab_align does not apply with process_group (each rank holds a "
                              "shard of one vocabulary)")
@@ -306,6 +308,12 @@ class KDLoss(nn.Module):
             if len(teacher) not in (2, 3) or tuple(teacher[0].shape[:-1]) != lead:
                 raise ValueError("kdplug: teacher=(hidden [..., H_t], weight [V_t, H_t][, bias]) with the "
                                  "student's leading shape")
+            if teacher[1].dim() != 2 or teacher[1].shape[1] != teacher[0].shape[-1]:
+                raise ValueError(f"kdplug: the teacher's hidden states have H_t={teacher[0].shape[-1]} but its "
+                                 f"weight is {tuple(teacher[1].shape)} ([V_t, H_t])")
+            if len(teacher) == 3 and teacher[2] is not None and tuple(teacher[2].shape) != (teacher[1].shape[0],):
+                raise ValueError(f"kdplug: the teacher's bias must have shape [{teacher[1].shape[0]}], got "
+                                 f"{tuple(teacher[2].shape)}")
             teacher_rows = (teacher[0].reshape(-1, teacher[0].shape[-1]), teacher[1],
                             teacher[2] if len(teacher) == 3 else None)
             teacher_vocab = teacher[1].shape[0]
@@ -326,6 +334,8 @@ class KDLoss(nn.Module):
         n_rows = token_mask.numel()
         if memory_budget is None:
             memory_budget = min(256 << 20, max(16 << 20, n_rows * max(vocab, teacher_vocab) * 4 // 25))
+        elif isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+            raise ValueError(f"kdplug: memory_budget must be a positive number of bytes, got {memory_budget!r}")
         buffers = 3 if flags is not None else 2  # a Split's gradient is not written in place
         chunk_rows = chunk_rows_for(memory_budget, max(vocab, teacher_vocab), buffers) if chunk_size is None \
             else chunk_size

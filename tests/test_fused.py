@@ -111,6 +111,12 @@ def test_fused_errors():
         fn.fused(h, W, b[:3], teacher=(th, tW))
     with pytest.raises(ValueError, match="chunk_size"):
         fn.fused(h, W, teacher=(th, tW), chunk_size=0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        fn.fused(h, W, teacher=(th, tW), memory_budget=0)
+    with pytest.raises(ValueError, match=r"H_t=12 but its weight is \(41, 16\)"):
+        fn.fused(h, W, teacher=(th, torch.randn(41, 16, dtype=th.dtype)))
+    with pytest.raises(ValueError, match="teacher's bias"):
+        fn.fused(h, W, teacher=(th, tW, torch.zeros(40, dtype=th.dtype)))
     # vocab_align reaches the fused path
     out = kdplug.get("fkl", vocab_align="truncate").fused(h, W, teacher=(th, tW[:40]))
     assert torch.isfinite(out)

@@ -321,6 +321,12 @@ def test_out_of_range_parameter_names_it(name, params, parameter):
         kdplug.get(name, **params)
 
 
+@pytest.mark.parametrize("option", ["t2_scale", "inplace_backward"])
+def test_boolean_options_must_be_bools(option):
+    with pytest.raises(TypeError, match=f"{option} must be a bool"):
+        kdplug.get("fkl", **{option: "no"})
+
+
 def test_list_methods_records():
     methods = kdplug.list_methods()
     assert [m.name for m in methods] == sorted(m.name for m in methods)

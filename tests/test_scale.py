@@ -124,6 +124,16 @@ def test_topk_errors_name_the_problem():
         kdplug.get("fkl")(s[:2], kdplug.TopK(ids, values))
     with pytest.raises(RuntimeError, match="TopK.indices"):
         kdplug.get("fkl")(s, kdplug.TopK(ids + 100, values))
+    twice = ids.clone()
+    twice[1, 2] = twice[1, 0]
+    with pytest.raises(RuntimeError, match="distinct ids"):
+        kdplug.get("fkl")(s, kdplug.TopK(twice, torch.log_softmax(values, -1)))
+    mask = torch.tensor([True, False, True])  # a masked row is never read, repeated ids included
+    kdplug.get("fkl")(s, kdplug.TopK(twice, torch.log_softmax(values, -1)), mask=mask)
+    with pytest.raises(RuntimeError, match="kind='logits'"):  # raw logits passed as log-probabilities
+        kdplug.get("fkl")(s, kdplug.TopK(ids, values + 5.0))
+    lp = torch.log_softmax(t, -1).topk(4, -1).values
+    kdplug.get("fkl")(s, kdplug.TopK(ids, lp + 1e-3))  # a little above 1 (rounding): the tail is 0
 
 
 # ---- vocabulary alignment ----------------------------------------------------------------------
