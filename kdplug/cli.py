@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kdplug list | head`
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (ValueError, RuntimeError, pluggy.PluginValidationError) as exc:
+    except (ValueError, RuntimeError, OSError, pluggy.PluginValidationError) as exc:
         # What kdplug raises for a misconfigured environment (a duplicate method name, a plugin
-        # with a misspelled hook, ...) already says what to fix: print it without a traceback.
+        # with a misspelled hook, a --data file that is not there, ...) already says what to fix:
+        # print it without a traceback.
         print(f"kdplug {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -145,6 +145,22 @@ def test_main_usage_errors(capsys, args):
     assert "usage: kdplug" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--n", "0"], "argument --n: expected a positive integer, got '0'"),
+    (["bench", "--v", "32000", "-5"], "argument --v: expected a positive integer, got '-5'"),
+    (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer"),
+])
+def test_main_bench_sizes_must_be_positive(capsys, args, message):
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_main_reports_a_missing_data_file_without_traceback(capsys, tmp_path):
+    assert cli.main(["distill", "--data", str(tmp_path / "missing.txt"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "kdplug distill: error: FileNotFoundError: --data: no such file" in err and "Traceback" not in err
+
+
 def test_main_reports_registry_errors_without_traceback(capsys, monkeypatch):
     def broken():
         raise ValueError("kdplug: the method name 'x' is registered by both plugin 'a' and plugin 'b'")
