@@ -12,7 +12,8 @@
     t   = min(t_end, max(t_lin, t + step_size * sigmoid(m) * (1 - t)))
     t_lin = t_start + (t_end - t_start) * step / total_steps     (t_start when total_steps is None)
 
-(the first call only records the loss). ``adaptive=False`` follows ``t_lin`` alone and needs
+(the first call only records the loss; a NaN or infinite loss, a step the gradient scaler of mixed
+precision skips, changes nothing). ``adaptive=False`` follows ``t_lin`` alone and needs
 ``total_steps``; the loss may then be omitted. The loss is averaged across ranks when
 torch.distributed is initialized. ``update_every="forward"`` reproduces SakanaAI/TAID, which
 updates on every forward call (micro-batches and validation too, per rank) with the step count
@@ -80,15 +81,21 @@ class TAIDSchedule(Schedule):
             return
         if loss is None:
             raise ValueError("taid: adaptive=True needs the step's loss: loss_fn.step(loss)")
-        loss = torch.as_tensor(loss, dtype=torch.float64, device=self.t.device).detach().reshape(())
+        loss = torch.as_tensor(loss, dtype=torch.float64, device=self.t.device).detach()
+        if loss.numel() != 1:
+            raise ValueError(f"taid: step(loss) takes the step's scalar loss, got shape {tuple(loss.shape)}")
+        loss = loss.reshape(())
         first = torch.isinf(self.prev_loss)
+        # NB: a NaN or infinite loss (a mixed-precision step that the gradient scaler skips) changes
+        # nothing: taken into the recurrence, a NaN would make t NaN for the rest of training
+        skip = ~torch.isfinite(loss)
         rel = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
         momentum = self.beta * self.momentum + (1 - self.beta) * rel
         delta = self.step_size * torch.sigmoid(momentum) * (1 - self.t)
         t = torch.clamp(torch.maximum(t_lin, self.t + delta), max=self.t_end)
-        self.t.copy_(torch.where(first, self.t, t))
-        self.momentum.copy_(torch.where(first, self.momentum, momentum))
-        self.prev_loss.copy_(loss)
+        self.t.copy_(torch.where(first | skip, self.t, t))
+        self.momentum.copy_(torch.where(first | skip, self.momentum, momentum))
+        self.prev_loss.copy_(torch.where(skip, self.prev_loss, loss))
 
     def on_forward(self, loss):
         if self.per_forward:

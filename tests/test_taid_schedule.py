@@ -99,6 +99,22 @@ def test_first_step_only_records_the_loss():
     assert abs(fn.t - expect) < 1e-12
 
 
+def test_a_non_finite_loss_changes_nothing():
+    """A NaN or infinite loss (a mixed-precision step the gradient scaler skips) leaves t, the
+    momentum and the previous loss as they were; the recurrence goes on from the last finite one."""
+    a = kdplug.get("taid", step_size=0.5, momentum=0.5)
+    b = kdplug.get("taid", step_size=0.5, momentum=0.5)
+    for i, loss in enumerate(LOSSES[:12]):
+        a.step(loss)
+        b.step(loss)
+        if i in (3, 7):
+            b.step(float("nan"))
+            b.step(torch.tensor(float("inf")))
+    assert b.t == a.t and a.t > 0.4  # (NaN == NaN is False)
+    with pytest.raises(ValueError, match="scalar loss"):
+        a.step(torch.tensor([1.0, 2.0]))
+
+
 def test_adaptive_step_needs_the_loss():
     fn = kdplug.get("taid")
     with pytest.raises((ValueError, TypeError), match="loss"):
