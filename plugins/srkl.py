@@ -9,9 +9,8 @@ def build(alpha: float = 0.1, detach_mixture: bool = False) -> Recipe:
     """``alpha`` is the student's weight in the mixture (alpha = 0 is reverse KL).
     ``detach_mixture=True`` stops the gradient through the mixture, as DistiLLM-2 does."""
     alpha = number("srkl", "alpha", alpha, 0.0, 1.0)
-    return Recipe(Term("student", "assistant"),
-                  assistant=Assistant(lam=1.0 - alpha, alpha=-1.0,
-                                    detach=flag("srkl", "detach_mixture", detach_mixture)))
+    detach = flag("srkl", "detach_mixture", detach_mixture)
+    return Recipe(Term("student", "assistant"), assistant=Assistant(lam=1.0 - alpha, alpha=-1.0, detach=detach))
 
 
 @kdplug.hookimpl
