@@ -147,7 +147,8 @@ class Assistant:
         if not isinstance(alpha, float):
             raise TypeError("Assistant.alpha: expected a float")
         object.__setattr__(self, "alpha", alpha)
-        object.__setattr__(self, "detach", bool(self.detach))
+        if not isinstance(self.detach, bool):  # (a truthy "False" would detach)
+            raise TypeError(f"Assistant.detach: expected True or False, got {self.detach!r}")
 
 
 # The layout of the per-token term weights function's result: [..., len(terms)].

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import kdplug
-from kdplug import Method, Recipe, Term
+from kdplug import Assistant, Method, Recipe, Term
 from kdplug._registry import DEFAULT_PLUGINS, MethodInfo, PluginInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,6 +319,25 @@ def test_unknown_parameter_lists_accepted_ones():
 def test_out_of_range_parameter_names_it(name, params, parameter):
     with pytest.raises(ValueError, match=parameter):
         kdplug.get(name, **params)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: Term("teacher", "student", weight=-1.0), ValueError, "Term.weight: expected >= 0"),
+    (lambda: Term("teacher", "student", weight=float("nan")), ValueError, "Term.weight: expected a finite"),
+    (lambda: Term("teacher", "studnet"), ValueError, "operands must be one of"),
+    (lambda: Term("student", "student"), ValueError, "both 'student'"),
+    (lambda: Term("teacher", "student", "js"), ValueError, "Term.divergence"),
+    (lambda: Term("teacher", "student", "ab", ab_alpha=-0.5), ValueError, "Term.ab_alpha: expected >= 0"),
+    (lambda: Assistant(lam=1.5), ValueError, r"Assistant.lam: expected a value in \[0, 1\]"),
+    (lambda: Assistant(alpha=float("inf")), ValueError, "Assistant.alpha: expected a finite"),
+    (lambda: Assistant(detach="False"), TypeError, "Assistant.detach: expected True or False"),
+    (lambda: Recipe(()), TypeError, "Recipe.terms"),
+    (lambda: Recipe(Term("teacher", "assistant")), ValueError, "no assistant is given"),
+    (lambda: Recipe(Term("student", "teacher", "ce")), ValueError, "Divergence.CE needs a left operand"),
+])
+def test_recipe_parts_are_checked(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
 
 
 @pytest.mark.parametrize("option", ["t2_scale", "inplace_backward"])
