@@ -42,19 +42,35 @@ def _phi(x, c: float):
     return x if c == 0 else torch.expm1(c * x) / c
 
 
+# The series of the limit brackets for small |y| (see the math header): coefficients of y^0 .. y^8.
+_SERIES_D0 = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360, 1 / 403200)
+_SERIES_C0 = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880, 1 / 3628800)
+
+
 def _ab_elem(l_big, x, c: float, d: float):
-    """AB element ``-(M**k / d) [phi(x, c) - phi(x, k)]`` and its limits (see the math header)."""
+    """AB element ``-(M**k / d) [phi(x, c) - phi(x, k)]`` as ``(M**k / k) [e^{cx} phi(x, d) -
+    phi(x, c)]`` (no cancellation where d is small) and its limits (see the math header)."""
     k = c + d
-    if d != 0:
-        # NB: M^k may underflow to 0 while the bracket is infinite (x = -inf): select 0.
-        out = _mul0(_pow(l_big, k), -(_phi(x, c) - _phi(x, k)) / d)
-    elif c != 0:
+    if c != 0 and d != 0:
+        # NB: M^k may underflow to 0 while the bracket is infinite: select 0.
+        return _mul0(_pow(l_big, k), (_pow(x, c) * _phi(x, d) - _phi(x, c)) / k)
+    if k == 0:
+        return 0.5 * x * x
+    # one of c, d is 0: the bracket cancels for small |y| = |k x|, where its series is used
+    y = k * x
+    small = y.abs() < 0.1
+    ys = torch.where(small, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    xs = torch.where(small, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    series = torch.zeros_like(ys)
+    for coef in reversed(_SERIES_D0 if d == 0 else _SERIES_C0):
+        series = series * ys + coef
+    if d == 0:
         # x * exp(c x) -> 0 as x -> -inf
-        xe = torch.where(torch.isinf(x), torch.zeros_like(x), x * torch.exp(c * x))
-        out = _mul0(_pow(l_big, c), (c * xe - torch.expm1(c * x)) / (c * c))
+        xe = torch.where(torch.isinf(x), torch.zeros_like(x), x * torch.exp(y))
+        direct = (c * xe - torch.expm1(y)) / (c * c)
     else:
-        out = 0.5 * x * x
-    return out
+        direct = (_phi(x, d) - x) / d  # +inf at x = -inf
+    return _mul0(_pow(l_big, k), torch.where(small, xs * xs * series, direct))
 
 
 def _nan0_(x):

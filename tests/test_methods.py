@@ -354,6 +354,19 @@ def test_akl_head_from_topk_equals_the_reference_rule(monkeypatch, top):
             torch.testing.assert_close(got, ref.akl_weights(lp, lq, mu, "official"), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha,beta", [(1e-4, 1.4), (1.4, 1e-4), (3e-3, 0.45), (1e-4, 0.0), (0.0, 1e-4),
+                                        (0.2, 0.7)])
+def test_ab_near_its_limits_keeps_float32_precision(alpha, beta, backend):
+    """An AB parameter near 0 (or at 0 with the other one small): the element's brackets are
+    differences of nearly equal terms divided by the small parameter, in the naive form. In float32
+    the loss stays within ~1e-6 of the float64 reference (it was 4e-2 at alpha = 1e-4, beta = 1.4)."""
+    s, t = ref.make_logits((6, 257), "finite", seed=51)
+    s32, t32 = s.float(), t.float()
+    got = kdplug.get("abkd", alpha=alpha, beta=beta, backend=backend, reduction="none")(s32, t32)
+    want = ref.per_token("abkd", s32.double(), t32.double(), alpha=alpha, beta=beta)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+
 # Random configurations (_common.random_case: every axis drawn at once), both backends against the
 # float64 reference.
 @pytest.mark.parametrize("backend", BACKENDS)
