@@ -167,7 +167,8 @@ def random_params(name, rng):
 def random_case(seed):
     """A dict: name, params, s and t (float64 [..., V]; the test rounds them to `dtype`), dtype,
     temperature, inf_policy, mask (or None; its False rows of s hold NaN), grad_out (float64, the
-    leading shape, or None) and strided (whether to pass rows of wider tensors)."""
+    leading shape, or None), strided (whether to pass rows of wider tensors) and pattern (the -inf
+    pattern's name; "equal": s = t)."""
     import random
 
     rng = random.Random(seed)
@@ -203,7 +204,7 @@ def random_case(seed):
         case["grad_out"] = torch.randn(lead, generator=g, dtype=torch.float64) * 2
         case["grad_out"][torch.rand(lead, generator=g) < 0.3] = 0.0
     case["strided"] = rng.random() < 0.3
-    case["s"], case["t"] = s, t
+    case["s"], case["t"], case["pattern"] = s, t, pattern
     return case
 
 

@@ -20,7 +20,7 @@ import kdplug
 from _common import (CASE_IDS, CASES, FWD_GRAD_TOL, TOL, VARIANTS, kept_exps, make_logits,  # noqa: F401
                      random_case, strided_rows)
 METHODS = sorted(m.name for m in kdplug.list_methods())
-from kdplug import Method, Recipe, Term, _extension, _ops, _torch_impl
+from kdplug import Assistant, Method, Recipe, Term, _extension, _ops, _torch_impl
 from kdplug._pack import params_tensor, structure_and_consts
 
 pytestmark = pytest.mark.skipif(not _ops.HAS_OPS, reason=f"compiled core not built: {_extension.why_not()}")
@@ -185,6 +185,61 @@ def test_random_configurations(seed):
     if c["mask"] is not None:
         assert (out[~c["mask"]] == 0).all() and (grad[~c["mask"]] == 0).all()
 
+
+
+def random_recipe(seed, tvd=True):
+    """A third party's recipe drawn at random: 1-4 terms of any divergence between any two operands
+    (weights and AB parameters at their endpoints too), with or without an assistant of any alpha,
+    lam and detach."""
+    import random
+
+    rng = random.Random(seed)
+    assistant = None
+    if rng.random() < 0.6:
+        assistant = Assistant(lam=rng.choice([0.0, 1.0, 0.5, rng.random()]),
+                              alpha=rng.choice([-1.0, 1.0, 0.5, 3.0, -3.0, rng.uniform(-2, 2)]), detach=rng.random() < 0.3)
+    operands = ["teacher", "student"] + (["assistant"] if assistant else [])
+    terms = []
+    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+        lhs, rhs = rng.sample(operands, 2)
+        # NB: TVD is not differentiable where its two sides are equal; the two paths reach such a tie
+        # (an assistant with lam = 0 or 1 is one of the sides) with different rounding, and so with
+        # different subgradients
+        kinds = ["kl", "ce", "ab"] + (["tvd"] if tvd and not (assistant and assistant.lam in (0.0, 1.0)) else [])
+        kind = rng.choice(kinds)
+        if kind == "ce" and (lhs == "student" or (lhs == "assistant" and not assistant.detach)):
+            kind = "kl"  # (CE's left side must not depend on the student)
+        ab = {"ab_alpha": rng.choice([0.0, 1.0, 0.3, 1.5 * rng.random()]),
+              "ab_beta": rng.choice([0.0, 1.0, 0.6, 1.5 * rng.random()])} if kind == "ab" else {}
+        terms.append(Term(lhs, rhs, kind, weight=rng.choice([1.0, 0.0, 2 * rng.random()]), **ab))
+    if assistant and not any("assistant" in (t.lhs.value, t.rhs.value) for t in terms):
+        terms.append(Term("teacher", "assistant"))
+    return Recipe(tuple(terms), assistant=assistant)
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_recipes(seed):
+    """Any recipe runs on the compiled core and meets the PyTorch path: random recipes on random
+    inputs (_common.random_case)."""
+    c = random_case(60000 + seed)
+    s, t = c["s"].to(c["dtype"]), c["t"].to(c["dtype"])
+    recipe = random_recipe(seed, tvd=c["pattern"] != "equal")  # (student = teacher: a TVD tie)
+    method = Method("random_recipe", build=lambda: recipe)
+    out = {}
+    for backend in ("compiled", "torch"):
+        loss_fn = kdplug.KDLoss(method, backend=backend, temperature=c["temperature"], inf_policy=c["inf_policy"],
+                                reduction="none")
+        x = s.clone().requires_grad_()
+        loss = loss_fn(x, t, mask=c["mask"])
+        (loss * torch.linspace(-1.0, 2.0, loss.numel()).reshape(loss.shape).to(loss.dtype)).sum().backward()
+        out[backend] = (loss.detach(), x.grad)
+    (loss_c, grad_c), (loss_t, grad_t) = out["compiled"], out["torch"]
+    lr, la, gr, ga = TOL[s.dtype]
+    assert not torch.isnan(loss_c).any() and torch.isfinite(grad_c.double()).all()
+    torch.testing.assert_close(loss_c, loss_t, rtol=lr, atol=la)
+    floor = 2.0 / c["temperature"] * max(1.0, sum(float(term.weight) for term in recipe.terms))
+    scale = max(grad_t.double().abs().max().item(), floor)
+    torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=gr, atol=ga * scale)
 
 def test_unmasked_dead_rows_raise():
     s, t = make_logits((3, 11), torch.float32)
