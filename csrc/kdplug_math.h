@@ -320,6 +320,14 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> tvd_element(V lP, V lQ) {
 // ab_element_ref follows kdplug/_torch_impl.py literally (both branches, then a select);
 // ab_element computes the same values with fewer transcendentals when alpha, beta > 0, and
 // falls back to ab_element_ref for the limits.
+// coef[0] + coef[1] y + ... + coef[8] y^8 (Horner).
+template <class V, class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE V poly8(V y, const F (&coef)[9]) {
+  V p(coef[8]);
+  for (int i = 7; i >= 0; --i) p = p * y + V(coef[i]);
+  return p;
+}
+
 template <class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE V ab_branch(V l_big, V x, F c, F d) {
   using O = Ops<V>;
@@ -335,28 +343,16 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V ab_branch(V l_big, V x, F c, F d) {
   const V ys = O::select(small, y, V(0)), xs = O::select(small, x, V(0));
   V series, direct;
   if (d == F(0)) {
-    series = V(F(1.0 / 403200));
-    series = series * ys + V(F(1.0 / 45360));
-    series = series * ys + V(F(1.0 / 5760));
-    series = series * ys + V(F(1.0 / 840));
-    series = series * ys + V(F(1.0 / 144));
-    series = series * ys + V(F(1.0 / 30));
-    series = series * ys + V(F(1.0 / 8));
-    series = series * ys + V(F(1.0 / 3));
-    series = series * ys + V(F(0.5));
+    const F coef[9] = {F(1.0 / 2), F(1.0 / 3), F(1.0 / 8), F(1.0 / 30), F(1.0 / 144), F(1.0 / 840),
+                       F(1.0 / 5760), F(1.0 / 45360), F(1.0 / 403200)};  // (n - 1) / n!, n = 2 .. 10
+    series = poly8(ys, coef);
     // x * exp(c x) -> 0 as x -> -inf
     V xe = O::select(O::lt(O::abs(x), V(INFINITY)), x * O::exp(y), V(0));
     direct = (V(c) * xe - O::expm1(y)) * V(F(1) / (c * c));
   } else {
-    series = V(F(1.0 / 3628800));
-    series = series * ys + V(F(1.0 / 362880));
-    series = series * ys + V(F(1.0 / 40320));
-    series = series * ys + V(F(1.0 / 5040));
-    series = series * ys + V(F(1.0 / 720));
-    series = series * ys + V(F(1.0 / 120));
-    series = series * ys + V(F(1.0 / 24));
-    series = series * ys + V(F(1.0 / 6));
-    series = series * ys + V(F(0.5));
+    const F coef[9] = {F(1.0 / 2), F(1.0 / 6), F(1.0 / 24), F(1.0 / 120), F(1.0 / 720), F(1.0 / 5040),
+                       F(1.0 / 40320), F(1.0 / 362880), F(1.0 / 3628800)};  // 1 / n!, n = 2 .. 10
+    series = poly8(ys, coef);
     direct = (phi(x, d) - x) * V(F(1) / d);  // +inf at x = -inf
   }
   // NB: M^k may underflow to 0 where the bracket is infinite: select 0
