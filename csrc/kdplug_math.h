@@ -339,24 +339,25 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V ab_branch(V l_big, V x, F c, F d) {
   if (k == F(0)) return V(0.5) * x * x;
   // one of c, d is 0 and k the other: the series where |k x| < 0.1
   const V y = V(k) * x;
-  const auto small = O::lt(O::abs(y), V(F(0.1)));
-  const V ys = O::select(small, y, V(0)), xs = O::select(small, x, V(0));
-  V series, direct;
+  V bracket;
   if (d == F(0)) {
-    const F coef[9] = {F(1.0 / 2), F(1.0 / 3), F(1.0 / 8), F(1.0 / 30), F(1.0 / 144), F(1.0 / 840),
-                       F(1.0 / 5760), F(1.0 / 45360), F(1.0 / 403200)};  // (n - 1) / n!, n = 2 .. 10
-    series = poly8(ys, coef);
     // x * exp(c x) -> 0 as x -> -inf
     V xe = O::select(O::lt(O::abs(x), V(INFINITY)), x * O::exp(y), V(0));
-    direct = (V(c) * xe - O::expm1(y)) * V(F(1) / (c * c));
+    bracket = (V(c) * xe - O::expm1(y)) * V(F(1) / (c * c));
   } else {
-    const F coef[9] = {F(1.0 / 2), F(1.0 / 6), F(1.0 / 24), F(1.0 / 120), F(1.0 / 720), F(1.0 / 5040),
-                       F(1.0 / 40320), F(1.0 / 362880), F(1.0 / 3628800)};  // 1 / n!, n = 2 .. 10
-    series = poly8(ys, coef);
-    direct = (phi(x, d) - x) * V(F(1) / d);  // +inf at x = -inf
+    bracket = (phi(x, d) - x) * V(F(1) / d);  // +inf at x = -inf
+  }
+  const auto small = O::lt(O::abs(y), V(F(0.1)));
+  if (!O::all(O::ge(O::abs(y), V(F(0.1))))) {  // some lane is small (a uniform branch: most packs hold none)
+    const F d0[9] = {F(1.0 / 2), F(1.0 / 3), F(1.0 / 8), F(1.0 / 30), F(1.0 / 144), F(1.0 / 840),
+                     F(1.0 / 5760), F(1.0 / 45360), F(1.0 / 403200)};  // (n - 1) / n!, n = 2 .. 10
+    const F c0[9] = {F(1.0 / 2), F(1.0 / 6), F(1.0 / 24), F(1.0 / 120), F(1.0 / 720), F(1.0 / 5040),
+                     F(1.0 / 40320), F(1.0 / 362880), F(1.0 / 3628800)};  // 1 / n!, n = 2 .. 10
+    const V ys = O::select(small, y, V(0)), xs = O::select(small, x, V(0));
+    bracket = O::select(small, xs * xs * poly8(ys, d == F(0) ? d0 : c0), bracket);
   }
   // NB: M^k may underflow to 0 where the bracket is infinite: select 0
-  return mul0(pow_log(l_big, k), O::select(small, xs * xs * series, direct));
+  return mul0(pow_log(l_big, k), bracket);
 }
 
 template <class V, class F>

@@ -124,7 +124,7 @@ class KDLoss(nn.Module):
         self.method = method
         self.params = _bind(method, method_params)
         self.temperature = float(temperature)
-        self.t2_scale = bool(t2_scale)
+        self.t2_scale = t2_scale
         self.inf_policy = inf_policy
         self.backend = backend
         built = method.build(**self.params) if method.build is not None else None
