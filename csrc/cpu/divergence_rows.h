@@ -13,6 +13,8 @@
 //   forward, the other recipes without a mixture or AB term (tvd, third-party KL / CE / TVD
 //            mixes): each exp once, kept, in the read of the logits, then the elements from
 //            them (forward_grad_row_nomix without its gradient pass)
+//   forward, the arithmetic mixture with KL terms on r (skl, srkl, gjsd, distillm2's sides; float
+//            and bfloat16): the same, forward_grad_row_arith without its gradient pass
 //   forward, any other recipe (forward_rows):
 //            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
 //            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z),
@@ -490,8 +492,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
                   int64_t prefetch_end = 0) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
-  // (divergence_fwd_grad gives those terms forward_grad_row_arith's kept exps instead)
-  static_assert(!(KEEP && MIX == MIX_ARITHMETIC && kArithKL<SIG>), "the arithmetic KL terms keep their exps");
+  // (divergence_fwd and _fwd_grad give those terms forward_grad_row_arith's kept exps instead)
+  static_assert(!(MIX == MIX_ARITHMETIC && kArithKL<SIG>), "the arithmetic KL terms keep their exps");
   for (int64_t n = begin; n < end; ++n) {
     F* st_out = stats + n * kStats;
     if (!a.row_mask[n * a.mask_stride]) {
@@ -568,25 +570,6 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end), std::numeric_limits<int64_t>::max());
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
-      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
-        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
-        if (C10_LIKELY(arith_in_range(lp, lq))) {
-          const auto t = arith_kl_at<SIG, true>(c, lp, lq, keep_at(c, xs, xt));
-          e_acc[0] = e_acc[0] + t.e[0];
-          if constexpr (SIG == SIG_JS) e_acc[1] = e_acc[1] + t.e[1];
-          acc.h_q = acc.h_q + t.h_q;
-          MixTerms<Vec> mt{Vec(F(0)), Vec(F(0))};
-          if (c.live_assistant) {
-            const Vec wq = Vec(F(1) - c.lam) * t.Q;  // w r
-            mt = MixTerms<Vec>{wq * t.h_r * t.inv_R, wq};
-            acc.h_r = acc.h_r + t.h_r;
-            acc.w_h_r = acc.w_h_r + mt.w_h_r;
-            acc.w_r = acc.w_r + mt.w_r;
-          }
-          if (++packs == 64) fold();
-          return;
-        }
-      }
       Logs<Vec> L;
       if constexpr (MIX == MIX_ALPHA) {
         L = logs_at_alpha(c, xs, xt, Vec::loadu(lr_tilde + k));
@@ -1392,10 +1375,11 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
 }
 
 // ---- forward and gradient of an arithmetic-mixture KL row: each exp once -------------------------
-// divergence_fwd_grad for the recipes of arith_kl_at (r = lam p + (1 - lam) q with KL(p||r) and / or
-// KL(q||r): skl, srkl, gjsd, distillm2's two sides). forward_rows' passes and the gradient pass make
-// 5 exps, a log and a division per entry (the LSEs' 2 exps, arith_kl_at's P and Q, the gradient's
-// q); here P and Q are the normalizers' own exps, kept:
+// divergence_fwd_grad (and, with grad == nullptr, divergence_fwd without pass 3) for the recipes of
+// arith_kl_of (r = lam p + (1 - lam) q with KL(p||r) and / or KL(q||r): skl, srkl, gjsd, distillm2's
+// two sides). forward_rows' passes and the gradient pass would make 5 exps, a log and a division
+// per entry (the LSEs' 2 exps, arith_kl_at's P and Q, the gradient's q); here P and Q are the
+// normalizers' own exps, kept:
 //   pass 1  w_t, w_s kept per entry, the LSEs and the kept exps' scales (row_exps: one read)
 //   pass 2  P = w_t scale_t, Q = w_s scale_s, lp and lq from the logits: arith_kl_of's elements, h^q,
 //           h^r and w h^r = (1 - lam) Q h^r / R; the loss sums, H^r and U (forward_rows' pass 3);
@@ -1420,7 +1404,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
   constexpr int W = Vec::size();
   const Vec zero(F(0)), ninf(neg_inf<F>());
   F* st_out = stats + n * kStats;
-  scalar_t* g_row = grad + n * a.V;
+  scalar_t* g_row = grad == nullptr ? nullptr : grad + n * a.V;  // nullptr: the forward alone
   if (!a.row_mask[n * a.mask_stride]) {
     no_loss_row(loss + n, st_out, g_row, a.V, /*rejected=*/false);
     return;
@@ -1455,7 +1439,8 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
     packs = 0;
   };
   // (Xeon, N = 2048, V = 128256 fp32, no prefetch / the first 512 KiB / the whole next row: gJSD
-  // 277 / 265 / 266 ms, SRKL 269 / 255 / 257, SKL 255 / 248 / 250)
+  // 277 / 265 / 266 ms, SRKL 269 / 255 / 257, SKL 255 / 248 / 250; divergence_fwd, which stops
+  // here, on this project's EPYC: the first 512 KiB / the whole next row within noise)
   const NextRow<scalar_t> next(a, n, prefetch_next);
   ScaleCursor<F> f_c(ks);
   row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
@@ -1484,7 +1469,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
       const H<Vec> h = terms_at<true>(c, L, keep, e_acc);
       v = h.q + stats_at(c, L, h, &acc).w_h_r;
     }
-    O::select(O::eq(xs, ninf), zero, v).store(w_t + k);
+    if (g_row != nullptr) O::select(O::eq(xs, ninf), zero, v).store(w_t + k);
     if (++packs == 64) fold();
   });
   fold();
@@ -1493,6 +1478,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
     if (c.coef[i] != F(0)) total += static_cast<double>(c.coef[i]) * e_tot[i];  // mul0(coef, sum)
   const double U = h_q + w_h_r - h_r * w_r;
   store_row(loss + n, st_out, c, total, h_r, U);
+  if (g_row == nullptr) return;
   const F scale = grad_scale[n] / c.T;
   if (scale == F(0)) {  // no incoming gradient: exactly 0
     std::memset(static_cast<void*>(g_row), 0, sizeof(scalar_t) * a.V);
@@ -1814,29 +1800,39 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
     if (!geo && d.n_terms == 2) run(std::false_type{}, std::integral_constant<int, 2>{});
     if (std::find(redo.begin(), redo.end(), uint8_t(1)) == redo.end()) return;
     dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
-      at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          if (redo[n])
-            forward_rows<scalar_t, decltype(mix)::value, decltype(sig)::value>(a, loss, stats, n, n + 1, bad_row);
-      });
+      constexpr int MIX = decltype(mix)::value, SIG = decltype(sig)::value;
+      if constexpr (MIX == MIX_NONE || MIX == MIX_GEOMETRIC) {  // fused_eligible's
+        at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n)
+            if (redo[n]) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, n, n + 1, bad_row);
+        });
+      }
     });
     return;
   }
   dispatch_recipe<kSpecialize<scalar_t>>(d, [&](auto mix, auto sig) {
     constexpr int MIX = decltype(mix)::value, SIG = decltype(sig)::value;
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes): each exp once, kept
-      // (forward_grad_row_nomix without its gradient pass; TVD 4 -> 2 exps an entry)
-      if constexpr (kNomixSig<MIX, SIG>) {
-        if (!has_ab(d)) {
-          std::vector<compute_t<scalar_t>> kept;
-          for (int64_t n = begin; n < end; ++n)
-            forward_grad_row_nomix<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr),
-                                                  bad_row, kept, n + 1 < end);
-          return;
+      // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes), or the arithmetic
+      // mixture's KL terms: each exp once, kept (forward_grad_row_nomix, _arith without their
+      // gradient pass; TVD 4 -> 2 exps an entry, gJSD, SKL, SRKL 4 -> 2)
+      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
+        std::vector<compute_t<scalar_t>> kept;
+        for (int64_t n = begin; n < end; ++n)
+          forward_grad_row_arith<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr), bad_row,
+                                                kept, n + 1 < end);
+      } else {
+        if constexpr (kNomixSig<MIX, SIG>) {
+          if (!has_ab(d)) {
+            std::vector<compute_t<scalar_t>> kept;
+            for (int64_t n = begin; n < end; ++n)
+              forward_grad_row_nomix<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr),
+                                                    bad_row, kept, n + 1 < end);
+            return;
+          }
         }
+        forward_rows<scalar_t, MIX, SIG>(a, loss, stats, begin, end, bad_row);
       }
-      forward_rows<scalar_t, MIX, SIG>(a, loss, stats, begin, end, bad_row);
     });
   });
 }
