@@ -1816,23 +1816,22 @@ void forward_cpu(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<s
       // no mixture and no AB term (TVD, third-party KL / CE / TVD mixes), or the arithmetic
       // mixture's KL terms: each exp once, kept (forward_grad_row_nomix, _arith without their
       // gradient pass; TVD 4 -> 2 exps an entry, gJSD, SKL, SRKL 4 -> 2)
-      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
-        std::vector<compute_t<scalar_t>> kept;
-        for (int64_t n = begin; n < end; ++n)
-          forward_grad_row_arith<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr), bad_row,
-                                                kept, n + 1 < end);
-      } else {
-        if constexpr (kNomixSig<MIX, SIG>) {
-          if (!has_ab(d)) {
-            std::vector<compute_t<scalar_t>> kept;
-            for (int64_t n = begin; n < end; ++n)
-              forward_grad_row_nomix<scalar_t, SIG>(a, n, nullptr, loss, stats, static_cast<scalar_t*>(nullptr),
-                                                    bad_row, kept, n + 1 < end);
-            return;
+      constexpr bool ARITH = MIX == MIX_ARITHMETIC && kArithKL<SIG>;
+      if constexpr (ARITH || kNomixSig<MIX, SIG>) {
+        if (ARITH || !has_ab(d)) {
+          std::vector<compute_t<scalar_t>> kept;
+          scalar_t* const no_grad = nullptr;
+          for (int64_t n = begin; n < end; ++n) {
+            if constexpr (ARITH) {
+              forward_grad_row_arith<scalar_t, SIG>(a, n, nullptr, loss, stats, no_grad, bad_row, kept, n + 1 < end);
+            } else {
+              forward_grad_row_nomix<scalar_t, SIG>(a, n, nullptr, loss, stats, no_grad, bad_row, kept, n + 1 < end);
+            }
           }
+          return;
         }
-        forward_rows<scalar_t, MIX, SIG>(a, loss, stats, begin, end, bad_row);
       }
+      if constexpr (!ARITH) forward_rows<scalar_t, MIX, SIG>(a, loss, stats, begin, end, bad_row);
     });
   });
 }
