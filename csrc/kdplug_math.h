@@ -478,13 +478,22 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V lse2(V A, V B) {
 // and the sum is formed in log space, lse2(log w_b, log w_o + y) (no underflow of e^y either).
 // Hence: z >= -1/2 -> log1p(z), else lse2. One side -inf: y = -inf, log r~ = l_base + log(w_b)/a
 // (-inf when w_b = 0). Both -inf: -inf. log_lam, log_1m_lam: per-row constants.
+//
+// w_q (when asked for): mixture_weight's w = (1 - lam) (q / r~)^a from the same y, without its
+// exp. r~^a = base^a (w_b + w_o e^y), so
+//   base = q:  w = (1 - lam) / (w_b + w_o e^y)          base = p:  w = (1 - lam) e^y / (w_b + w_o e^y)
+// a sum of two non-negative terms below (nothing cancels; w_b > 0), e^y in [0, 1] from expm1's
+// own range reduction. 0 where q = 0, as mixture_weight.
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE V alpha_mix(V lp, V lq, F lam, F log_lam, F log_1m_lam, F a, F inv_a) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE V alpha_mix(V lp, V lq, F lam, F log_lam, F log_1m_lam, F a, F inv_a,
+                                             V* w_q = nullptr) {
   using O = Ops<V>;
   const V ninf(neg_inf<F>());
   // NB: lam = 0 and 1 are q and p exactly; for a < 0 the formula would meet 0 * inf there.
-  if (lam == F(0)) return lq;
-  if (lam == F(1)) return lp;
+  if (lam == F(0) || lam == F(1)) {
+    if (w_q) *w_q = O::select(O::eq(lq, ninf), V(0), V(F(1) - lam));
+    return lam == F(0) ? lq : lp;
+  }
   auto both = O::land(O::eq(lp, ninf), O::eq(lq, ninf));
   V lp_ = O::select(both, V(0), lp);
   V lq_ = O::select(both, V(0), lq);
@@ -492,7 +501,12 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V alpha_mix(V lp, V lq, F lam, F log_lam, F log
   V base = O::select(on_q, lq_, lp_);
   V w_o = O::select(on_q, V(lam), V(F(1) - lam));
   V y = V(a) * (O::select(on_q, lp_, lq_) - base);
-  V z = w_o * O::expm1(y);
+  V e_y;
+  V z = w_o * (w_q ? O::expm1_exp(y, &e_y) : O::expm1(y));
+  if (w_q) {
+    const V num = O::select(on_q, V(F(1) - lam), V(F(1) - lam) * e_y);
+    *w_q = O::select(O::eq(lq, ninf), V(0), num / (O::select(on_q, V(F(1) - lam), V(lam)) + w_o * e_y));
+  }
   auto small = O::ge(z, V(F(-0.5)));
   V l;
   if (O::all(small)) {  // a uniform branch (a SIMD pack takes it when every lane agrees)
@@ -537,8 +551,9 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V geometric_mix(V xp, V xq, F lam) {
 
 // d log r~ / d log q (the mixture weight w of u = h^q + w (h^r - H^r r)), 0 where q = 0:
 //   alpha-mixture:  w = (1 - lam) (q / r~)^a = (1 - lam) exp(a (lq - log r~))
-//                   (bounded: r~ >= (1 - lam)^(1/a) q, so w <= 1)
+//                   (bounded: r~ >= (1 - lam)^(1/a) q, so w <= 1; a = 1: the arithmetic mixture)
 //   geometric:      w = 1 - lam
+// (logs_at takes the general alpha-mixture's from alpha_mix instead, without the exp.)
 template <class V, class F>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE V mixture_weight(V lq, V l_mix, F q_weight, F a) {
   using O = Ops<V>;
@@ -640,6 +655,7 @@ KDPLUG_HOST_DEVICE inline void row_consts_init(const RecipeDesc& d, const double
 template <class V>
 struct Logs {
   V lp, lq, lr, lr_tilde;
+  V w;  // the mixture's weight of q, mixture_weight's w (0 without a mixture)
   KDPLUG_HOST_DEVICE KDPLUG_INLINE V of(int operand) const {
     return operand == TEACHER ? lp : operand == STUDENT ? lq : lr;
   }
@@ -661,27 +677,31 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at(const RowConsts<F>& c, V xs, V 
   L.lq = xs - V(c.lse_s);
   L.lp = xt - V(c.lse_t);
   L.lr = L.lr_tilde = ninf;
+  L.w = V(0);
   if (mix == MIX_GEOMETRIC) {
     // lr = g - LSE(g); a mixture that is 0 everywhere stays 0 (log_z = -inf)
     V g = geometric_mix(xt, xs, c.lam);
     L.lr = c.log_z == neg_inf<F>() ? ninf : g - V(c.log_z);
+    L.w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, F(0));
   } else if (mix == MIX_ARITHMETIC) {
     L.lr = L.lr_tilde = arithmetic_mix(L.lp, L.lq, c.log_lam, c.log_1m_lam);  // Z = 1
+    L.w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, F(1));
   } else if (mix == MIX_ALPHA) {
-    L.lr_tilde = alpha_mix(L.lp, L.lq, c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a);
+    L.lr_tilde = alpha_mix(L.lp, L.lq, c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a, &L.w);
     L.lr = alpha_lr(c, L.lr_tilde);
   }
   return L;
 }
 
-// logs_at of the alpha-mixture, given its log r~ (the CPU forward keeps pass 2's for pass 3).
+// logs_at of the alpha-mixture, given its log r~ and w (the CPU forward keeps pass 2's for pass 3).
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at_alpha(const RowConsts<F>& c, V xs, V xt, V lr_tilde) {
+KDPLUG_HOST_DEVICE KDPLUG_INLINE Logs<V> logs_at_alpha(const RowConsts<F>& c, V xs, V xt, V lr_tilde, V w) {
   Logs<V> L;
   L.lq = xs - V(c.lse_s);
   L.lp = xt - V(c.lse_t);
   L.lr_tilde = lr_tilde;
   L.lr = alpha_lr(c, lr_tilde);
+  L.w = w;
   return L;
 }
 
@@ -757,21 +777,26 @@ struct MixTerms {
   V w_h_r, w_r;
 };
 
+// w, r: the entry's mixture weight and r (used only with a live assistant).
 template <class V, class F>
-KDPLUG_HOST_DEVICE KDPLUG_INLINE MixTerms<V> stats_at(const RowConsts<F>& c, const Logs<V>& L, const H<V>& h,
+KDPLUG_HOST_DEVICE KDPLUG_INLINE MixTerms<V> stats_at(const RowConsts<F>& c, const H<V>& h, V w, V r,
                                                       StatAcc<V>* acc) {
-  using O = Ops<V>;
   acc->h_q = acc->h_q + h.q;
   MixTerms<V> out{V(0), V(0)};
   if (c.live_assistant) {
-    V w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, c.a);
-    V r = O::exp(L.lr);
     out = MixTerms<V>{w * h.r, w * r};
     acc->h_r = acc->h_r + h.r;
     acc->w_h_r = acc->w_h_r + out.w_h_r;
     acc->w_r = acc->w_r + out.w_r;
   }
   return out;
+}
+
+template <class V, class F>
+KDPLUG_HOST_DEVICE KDPLUG_INLINE MixTerms<V> stats_at(const RowConsts<F>& c, const Logs<V>& L, const H<V>& h,
+                                                      StatAcc<V>* acc) {
+  if (!c.live_assistant) return stats_at(c, h, V(0), V(0), acc);
+  return stats_at(c, h, L.w, Ops<V>::exp(L.lr), acc);
 }
 
 // The gradient at one entry (backward pass): scale (u - q U), 0 at a -inf student logit.
@@ -782,11 +807,10 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE V grad_at(const RowConsts<F>& c, const Logs<V>&
   using O = Ops<V>;
   V u = h.q;
   if (c.live_assistant) {
-    V w = mixture_weight(L.lq, L.lr_tilde, F(1) - c.lam, c.a);
     V r = O::exp(L.lr);
     // NB: grouped as (h^q + w h^r) - H^r (w r), the two values stats_at returns, so that the
     // CPU's divergence_fwd_grad, which keeps them from its forward, gives the same bits
-    u = (u + w * h.r) - V(H_r) * (w * r);
+    u = (u + L.w * h.r) - V(H_r) * (L.w * r);
   }
   V q = O::exp(L.lq);
   V g = (u - q * V(U)) * V(scale);

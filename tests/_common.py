@@ -80,7 +80,7 @@ VARIANTS = {
     "taid": [{}, {"value": "kl", "t_start": 1.0}],
     "amid": [{}, {"alpha": -1.0, "order": "qr"}, {"alpha": 1.0, "divergence": "kl"},
              {"alpha": -3.0, "divergence": "kl", "order": "rq"}, {"alpha": 0.5, "lam": 0.0, "order": "rp"},
-             {"alpha": 0.9, "lam": 1.0, "order": "pr"}],
+             {"alpha": 0.9, "lam": 1.0, "order": "pr"}, {"alpha": 1.5, "alpha_ge_1": "power_mean", "order": "qr"}],
     "distillm2": [{}, {"alpha_1": 0.0, "alpha_2": 0.3}],
 }
 CASES = [(name, params) for name in sorted(m.name for m in kdplug.list_methods()) for params in VARIANTS.get(name, [{}])]
@@ -89,15 +89,18 @@ CASE_IDS = [f"{name}-{','.join(f'{k}={v}' for k, v in p.items()) or 'default'}" 
 
 # Whether divergence_fwd_grad may compute a recipe's gradient from the forward's own exps
 # (csrc/cpu/divergence_rows.h: every recipe without a mixture and without an AB term; the
-# logit-space ones, a detached geometric mixture with KL / CE terms; and, in float32 and bfloat16,
-# the arithmetic mixture's KL(p||r) / KL(q||r) terms). That gradient rounds a few ulp away from
-# divergence_fwd + divergence_bwd's; the other recipes agree bit for bit.
+# logit-space ones, a detached geometric mixture with KL / CE terms; in float32 and bfloat16, the
+# arithmetic mixture's KL(p||r) / KL(q||r) terms; and the general alpha-mixture, whose r is its
+# normalizer's kept exp). That gradient rounds a few ulp away from divergence_fwd +
+# divergence_bwd's; the other recipes agree bit for bit.
 def kept_exps(name, params) -> bool:
     recipe = kdplug.get(name, **params).recipe
     assistant = recipe.assistant
     kinds = [term.divergence.name for term in recipe.terms]
     if assistant is None:
         return "AB" not in kinds
+    if assistant.alpha not in (-1.0, 1.0):
+        return True
     if assistant.alpha == -1.0:
         return all(k == "KL" and term.rhs.value == "assistant" for k, term in zip(kinds, recipe.terms))
     return assistant.alpha == 1.0 and assistant.detach and all(k in ("KL", "CE") for k in kinds)

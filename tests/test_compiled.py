@@ -664,10 +664,13 @@ def test_fwd_grad_op_is_fwd_then_bwd(name, params, dtype):
 
 def forward_keeps_exps(name, params, dtype) -> bool:
     """Whether divergence_fwd takes divergence_fwd_grad's first passes (each exp once, kept): TVD,
-    and the arithmetic mixture's KL terms in the dtypes with specialized instances."""
+    the arithmetic mixture's KL terms in the dtypes with specialized instances, and the general
+    alpha-mixture."""
     recipe = kdplug.get(name, **params).recipe
     if recipe.assistant is None:
         return all(term.divergence.name == "TVD" for term in recipe.terms)
+    if recipe.assistant.alpha not in (-1.0, 1.0):
+        return True
     return recipe.assistant.alpha == -1.0 and dtype in (torch.float32, torch.bfloat16)
 
 

@@ -17,8 +17,8 @@
 //            and bfloat16): the same, forward_grad_row_arith without its gradient pass
 //   forward, any other recipe (forward_rows):
 //            1. online max / log-sum-exp of s/T and t/T (and of the geometric mixture's logits)
-//            2. only for the alpha-mixture (alpha < 1, alpha != -1): online LSE of log r~ (log Z),
-//               log r~ kept for pass 3
+//            2. only for the alpha-mixture (alpha != 1, -1): the LSE of log r~ (log Z), with
+//               log r~, the mixture weight and the LSE's exps kept for pass 3
 //            3. the elements: per-term loss sums and the sums behind U and H^r (row_stats)
 //   backward ONE pass: grad = scale (u - q U) / T, written once with non-temporal stores; rows
 //            whose incoming gradient is 0 (masked rows included) are zero-filled, never read.
@@ -481,6 +481,69 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
   return arith_kl_of<SIG, NEED_E>(c, lp, lq, Ops<Vec>::exp(lp), Ops<Vec>::exp(lq), keep);
 }
 
+// ---- kept exps ---------------------------------------------------------------------------------
+// The kept exps of a row (row_exps, forward_grad_row_logit) and the factors that make them
+// probabilities. Segment j covers entries [start[j], start[j + 1]); its exps of operand X were taken
+// relative to the reference maximum ref[X][j], and the pass turns those into the scales
+//   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F; 0 where lse_X = -inf)
+// so that P = w_t scale[TEACHER][j], Q = w_s scale[STUDENT][j] (and r = w_g scale[ASSISTANT][j]).
+// NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
+// exp(ref - M) / Z): then P and lp = x - lse agree to an entry's own rounding. 1 / Z is off from
+// exp(M - lse) by lse's rounding (~1e-6 at |lse| ~ 20 in float32) in the same direction at every
+// entry, and a loss such as sum P (lp - log R) (gJSD, SKL) took that offset whole: 1e-3 of a
+// small row's value.
+template <class F>
+struct KeptScales {
+  std::vector<int64_t> start;
+  std::vector<F> scale[3];  // the reference maxima until the pass is done
+
+  void reset(int nx) {
+    start.assign(1, 0);
+    for (int x = 0; x < 3; ++x) scale[x].assign(x < nx ? 1 : 0, std::numeric_limits<F>::lowest());
+  }
+  // the references m[0 .. nx) from entry k on (the pass calls it where one of them moved)
+  void moved(int64_t k, const F* m, int nx) {
+    if (start.back() != k) {
+      start.push_back(k);
+      for (int x = 0; x < nx; ++x) scale[x].push_back(F(0));
+    }
+    for (int x = 0; x < nx; ++x) scale[x].back() = m[x];
+  }
+  void finish(const F* lse, int nx) {
+    for (int x = 0; x < nx; ++x)
+      for (F& r : scale[x])
+        r = lse[x] == neg_inf<F>() ? F(0)
+                                   : static_cast<F>(std::exp(static_cast<double>(r) - static_cast<double>(lse[x])));
+  }
+};
+
+// The scales of the segment holding entry k, for a pass that visits k in increasing order (seek)
+// or, started with `down`, in decreasing order (seek_down).
+template <class F>
+struct ScaleCursor {
+  using Vec = Vectorized<F>;
+  const KeptScales<F>& ks;
+  size_t j = 0;
+  int64_t lo = 0, next = 0;  // segment j: entries [lo, next)
+  Vec f[3];  // P = w_t f[TEACHER], Q = w_s f[STUDENT], r = w_g f[ASSISTANT]
+
+  explicit ScaleCursor(const KeptScales<F>& ks_, bool down = false) : ks(ks_) {
+    load(down ? ks.start.size() - 1 : 0);
+  }
+  KDPLUG_INLINE void seek(int64_t k) {
+    while (C10_UNLIKELY(k >= next)) load(j + 1);
+  }
+  KDPLUG_INLINE void seek_down(int64_t k) {
+    while (C10_UNLIKELY(k < lo)) load(j - 1);
+  }
+  void load(size_t i) {
+    j = i;
+    for (int x = 0; x < 3; ++x) f[x] = Vec(ks.scale[x].empty() ? F(0) : ks.scale[x][j]);
+    lo = ks.start[j];
+    next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
+  }
+};
+
 // ---- forward -----------------------------------------------------------------------------------
 // KEEP (divergence_fwd_grad, one row): pass 3 also stores each entry's v = h^q + w h^r and (with a
 // mixture) w r in kept[0 .. V) and kept[Vp .. Vp + V) (Vp = V rounded up to the pack size), so
@@ -521,26 +584,59 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     }
     if constexpr (MIX == MIX_GEOMETRIC) c.log_z = lg.value();
 
-    // pass 2: the alpha-mixture's normalizer; log r~ (2-4 transcendentals an entry) is kept in a
-    // per-thread row for pass 3 (KEEP: in kept's v row, one row of scratch fewer: AMiD 631-643 ->
-    // 615-617 ms, Xeon, N = 2048, V = 128256 fp32)
+    // pass 2: the alpha-mixture's normalizer Z. Each entry's log r~ (alpha_mix: 2-4
+    // transcendentals), its mixture weight w (alpha_mix's, from the same expm1: a division instead
+    // of mixture_weight's exp) and the exp of Z's sum, r~ / e^m (m: the running maximum of log r~,
+    // in segments of scales as row_exps keeps them, so that pass 3 reads r = that exp times its
+    // segment's scale instead of computing exp(log r)), are kept in three rows of scratch for
+    // pass 3: lr_tilde, r_kept and w_kept (ks_r: r's scales, its one operand at index 0). KEEP: in
+    // kept, whose first two rows pass 3 overwrites with v and w r after reading them. Saves 2 exps
+    // of ~11 an entry for 2 more streams through L2 / L3; AMiD, EPYC (Zen 5), fp32, V = 128256,
+    // in-process, before / after: 1 thread, N = 256, divergence_fwd 116-132 / 108-121 ms,
+    // divergence_fwd_grad 128-140 / 116-124; 2 threads, N = 2048, 494-535 / 482-498, 526-599 / 511-550
     const int64_t Vp = padded<Vec::size()>(a.V);
-    F* lr_tilde = nullptr;
+    F *lr_tilde = nullptr, *r_kept = nullptr, *w_kept = nullptr;
+    thread_local KeptScales<F> ks_r;
+    ks_r.reset(1);  // (pass 3's cursor reads it under every mixture)
     if constexpr (MIX == MIX_ALPHA) {
-      if constexpr (KEEP) {
-        lr_tilde = kept;  // pass 3 reads each pack's log r~ before it stores the pack's v there
-      } else {
-        thread_local std::vector<F> lr_tilde_row;
-        if (static_cast<int64_t>(lr_tilde_row.size()) < Vp) lr_tilde_row.resize(static_cast<size_t>(Vp));
-        lr_tilde = lr_tilde_row.data();
+      F* rows = kept;
+      if constexpr (!KEEP) {
+        thread_local std::vector<F> scratch;
+        if (static_cast<int64_t>(scratch.size()) < 3 * Vp) scratch.resize(static_cast<size_t>(3 * Vp));
+        rows = scratch.data();
       }
-      VecLse<F> lz;
+      lr_tilde = rows;
+      r_kept = rows + Vp;
+      w_kept = rows + 2 * Vp;
+      F m = std::numeric_limits<F>::lowest();  // (so that a -inf entry's exp is 0)
+      Vec mv(m), z(F(0)), zt(F(0));
+      int packs = 0;
       row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-        const Vec l = logs_at<MIX>(c, xs, xt).lr_tilde;
+        Vec w;
+        const Vec l = alpha_mix(xt - Vec(c.lse_t), xs - Vec(c.lse_s), c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a, &w);
         l.store(lr_tilde + k);
-        lz.add(l);
+        w.store(w_kept + k);
+        if (C10_UNLIKELY(Ops<Vec>::any(Ops<Vec>::gt(l, mv)))) {
+          const F m2 = hmax<F>(l);
+          const Vec f(std::exp(m - m2));
+          z = z * f;
+          zt = zt * f;
+          m = m2;
+          mv = Vec(m2);
+          ks_r.moved(k, &m, 1);
+        }
+        const Vec e = Ops<Vec>::exp(l - mv);
+        e.store(r_kept + k);
+        z = z + e;
+        if (++packs == 64) {
+          zt = zt + z;
+          z = Vec(F(0));
+          packs = 0;
+        }
       });
-      c.log_z = lz.value();
+      const double Z = hsum(zt + z);
+      c.log_z = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m) + std::log(Z));
+      ks_r.finish(&c.log_z, 1);
     }
 
     // pass 3: the elements
@@ -568,16 +664,21 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // divergence_fwd ABKD 236 / 210 ms, AMiD 545-549 / 520-525; divergence_fwd_grad ABKD 267-273 /
     // 265-269, AMiD 615-623 / 608-612)
     const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end), std::numeric_limits<int64_t>::max());
+    ScaleCursor<F> f_r(ks_r);
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
-      Logs<Vec> L;
+      MixTerms<Vec> mt;
+      H<Vec> h;
       if constexpr (MIX == MIX_ALPHA) {
-        L = logs_at_alpha(c, xs, xt, Vec::loadu(lr_tilde + k));
+        f_r.seek(k);
+        const Logs<Vec> L = logs_at_alpha(c, xs, xt, Vec::loadu(lr_tilde + k), Vec::loadu(w_kept + k));
+        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
+        mt = stats_at(c, h, L.w, Vec::loadu(r_kept + k) * f_r.f[0], &acc);
       } else {
-        L = logs_at<MIX>(c, xs, xt);
+        const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
+        mt = stats_at(c, L, h, &acc);
       }
-      const H<Vec> h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
-      const MixTerms<Vec> mt = stats_at(c, L, h, &acc);
       if constexpr (KEEP) {
         (h.q + mt.w_h_r).store(kept + k);
         if constexpr (MIX != MIX_NONE) mt.w_r.store(kept + Vp + k);  // (0 without a mixture)
@@ -855,68 +956,6 @@ inline void store_fence() {
   _mm_sfence();  // order the non-temporal stores before the results are handed over
 #endif
 }
-
-// The kept exps of a row (row_exps, forward_grad_row_logit) and the factors that make them
-// probabilities. Segment j covers entries [start[j], start[j + 1]); its exps of operand X were taken
-// relative to the reference maximum ref[X][j], and the pass turns those into the scales
-//   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F; 0 where lse_X = -inf)
-// so that P = w_t scale[TEACHER][j], Q = w_s scale[STUDENT][j] (and r = w_g scale[ASSISTANT][j]).
-// NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
-// exp(ref - M) / Z): then P and lp = x - lse agree to an entry's own rounding. 1 / Z is off from
-// exp(M - lse) by lse's rounding (~1e-6 at |lse| ~ 20 in float32) in the same direction at every
-// entry, and a loss such as sum P (lp - log R) (gJSD, SKL) took that offset whole: 1e-3 of a
-// small row's value.
-template <class F>
-struct KeptScales {
-  std::vector<int64_t> start;
-  std::vector<F> scale[3];  // the reference maxima until the pass is done
-
-  void reset(int nx) {
-    start.assign(1, 0);
-    for (int x = 0; x < 3; ++x) scale[x].assign(x < nx ? 1 : 0, std::numeric_limits<F>::lowest());
-  }
-  // the references m[0 .. nx) from entry k on (the pass calls it where one of them moved)
-  void moved(int64_t k, const F* m, int nx) {
-    if (start.back() != k) {
-      start.push_back(k);
-      for (int x = 0; x < nx; ++x) scale[x].push_back(F(0));
-    }
-    for (int x = 0; x < nx; ++x) scale[x].back() = m[x];
-  }
-  void finish(const F* lse, int nx) {
-    for (int x = 0; x < nx; ++x)
-      for (F& r : scale[x])
-        r = lse[x] == neg_inf<F>() ? F(0)
-                                   : static_cast<F>(std::exp(static_cast<double>(r) - static_cast<double>(lse[x])));
-  }
-};
-
-// The scales of the segment holding entry k, for a pass that visits k in increasing order (seek)
-// or, started with `down`, in decreasing order (seek_down).
-template <class F>
-struct ScaleCursor {
-  using Vec = Vectorized<F>;
-  const KeptScales<F>& ks;
-  size_t j = 0;
-  int64_t lo = 0, next = 0;  // segment j: entries [lo, next)
-  Vec f[3];  // P = w_t f[TEACHER], Q = w_s f[STUDENT], r = w_g f[ASSISTANT]
-
-  explicit ScaleCursor(const KeptScales<F>& ks_, bool down = false) : ks(ks_) {
-    load(down ? ks.start.size() - 1 : 0);
-  }
-  KDPLUG_INLINE void seek(int64_t k) {
-    while (C10_UNLIKELY(k >= next)) load(j + 1);
-  }
-  KDPLUG_INLINE void seek_down(int64_t k) {
-    while (C10_UNLIKELY(k < lo)) load(j - 1);
-  }
-  void load(size_t i) {
-    j = i;
-    for (int x = 0; x < 3; ++x) f[x] = Vec(ks.scale[x].empty() ? F(0) : ks.scale[x][j]);
-    lo = ks.start[j];
-    next = j + 1 < ks.start.size() ? ks.start[j + 1] : std::numeric_limits<int64_t>::max();
-  }
-};
 
 // ---- forward and gradient of a logit-space row: each exp once -----------------------------------
 // divergence_fwd_grad for the recipes of forward_rows_fused. Their gradient needs the operands'
@@ -1584,11 +1623,13 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
 //     bfloat16, whose instances pin the terms): forward_grad_row_arith, the same way;
 //   * the rest (abkd, amid, and the above in float64 / float16): forward_rows keeps each entry's
 //     v = h^q + w h^r and w r (KEEP) in a per-thread
-//     scratch row (2 V floats), and the gradient pass is
+//     scratch row (2 V floats; 3 for the alpha-mixture, whose pass 2 keeps three), and the
+//     gradient pass is
 //         grad = scale (v - H^r (w r) - q U) / T,   q = exp(s/T - LSE(s/T)),  0 where s = -inf
 //     (grad_at's u, grouped the same way), without the elements, the mixture or its weight again:
 //     the expensive half of the backward's math. These values and gradients are divergence_fwd's
-//     and divergence_bwd's, bit for bit.
+//     and divergence_bwd's, bit for bit, but for the alpha-mixture's gradient: its r is pass 2's
+//     kept exp times a scale, where divergence_bwd takes exp(log r) (a few ulp apart).
 //
 // Whether forward_grad_row_logit can run the recipe (MIX, SIG): a logit-space mixture, and with
 // SIG != 0 terms that are all KL or CE (the other pinned terms never take it: not instantiated).
@@ -1661,7 +1702,7 @@ void forward_backward_rows(const Args<scalar_t>& a, bool fused, const compute_t<
         }
       }
       if (!one_pass) {
-        const int64_t rows = MIX == MIX_NONE ? 1 : 2;  // v, (w r)
+        const int64_t rows = MIX == MIX_NONE ? 1 : MIX == MIX_ALPHA ? 3 : 2;  // v, (w r), (pass 2's w)
         if (static_cast<int64_t>(kept.size()) < rows * Vp) kept.resize(static_cast<size_t>(rows * Vp));
         forward_rows<scalar_t, MIX, SIG, true>(a, loss, stats, n, n + 1, bad_row, kept.data(), end);
         keep = true;

@@ -259,6 +259,34 @@ void test_mixtures() {
   CHECK(geometric_mix(NINF, -1.0, 0.0) == -1.0, "geometric: p = 0 with weight 0 is q");
   CHECK(geometric_mix(-2.0, NINF, 1.0) == -2.0, "geometric: q = 0 with weight 0 is p");
   CHECK(alpha_mix(NINF, NINF, 0.5, std::log(0.5), std::log(0.5), 0.5, 2.0) == NINF, "alpha mixture of two zeros");
+  // alpha_mix's w (from its own expm1) against mixture_weight's exp, in double and float: sides far
+  // apart, -inf sides, weights at and near 0 / 1, a > 0 and a < 0 (the power mean past alpha = 1)
+  {
+    const double ls[] = {NINF, -60.0, -30.0, -3.0, -1.0, -0.5, -1e-3, 0.0};
+    const double lm[] = {0.0, 1e-6, 0.3, 0.5, 1.0 - 1e-6, 1.0};
+    const double as[] = {0.25, 0.75, 1e-3, -0.5};
+    for (double lp : ls)
+      for (double lq : ls)
+        for (double lam : lm)
+          for (double a : as) {
+            double w = -1;
+            const double lr = alpha_mix(lp, lq, lam, std::log(lam), std::log1p(-lam), a, 1 / a, &w);
+            CHECK(lr == alpha_mix(lp, lq, lam, std::log(lam), std::log1p(-lam), a, 1 / a), "alpha_mix with w: same log r~");
+            if (lr == NINF && lq != NINF) continue;  // r = 0 (a < 0, p = 0): w multiplies only zeros
+            const double want = mixture_weight(lq, lr, 1 - lam, a);
+            CHECK(close(w, want, 1e-13, 1e-15), "alpha_mix w(%g, %g, lam=%g, a=%g) = %g, mixture_weight %g", lp, lq, lam, a,
+                  w, want);
+            // fp32, against the double formula at the float-rounded lam
+            const float lam_f = float(lam);
+            const double lr_f = alpha_mix(lp, lq, double(lam_f), std::log(double(lam_f)), std::log1p(-double(lam_f)), a,
+                                          1 / a);
+            const double want_f = mixture_weight(lq, lr_f, 1 - double(lam_f), a);
+            float wf = -1;
+            alpha_mix(float(lp), float(lq), lam_f, std::log(lam_f), std::log1p(-lam_f), float(a), float(1 / a), &wf);
+            CHECK(close(wf, want_f, 3e-6, 1e-30), "fp32 alpha_mix w(%g, %g, lam=%g, a=%g) = %g, want %g", lp, lq, lam, a,
+                  wf, want_f);
+          }
+  }
   // mixture weight: bounded by 1 - lam, 0 where q = 0
   CHECK(mixture_weight(NINF, -1.0, 0.7, 0.5) == 0.0, "w at q = 0");
   CHECK(mixture_weight(-1.0, alpha_mix(-3.0, -1.0, 0.3, std::log(0.3), std::log(0.7), 0.5, 2.0), 0.7, 0.5) <= 1.0, "w <= 1");
