@@ -593,7 +593,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // kept, whose first two rows pass 3 overwrites with v and w r after reading them. Saves 2 exps
     // of ~11 an entry for 2 more streams through L2 / L3; AMiD, EPYC (Zen 5), fp32, V = 128256,
     // in-process, before / after: 1 thread, N = 256, divergence_fwd 116-132 / 108-121 ms,
-    // divergence_fwd_grad 128-140 / 116-124; 2 threads, N = 2048, 494-535 / 482-498, 526-599 / 511-550
+    // divergence_fwd_grad 128-140 / 116-125; 2 threads, N = 2048, 494-535 / 482-498, 526-599 / 511-550
     const int64_t Vp = padded<Vec::size()>(a.V);
     F *lr_tilde = nullptr, *r_kept = nullptr, *w_kept = nullptr;
     thread_local KeptScales<F> ks_r;
