@@ -132,11 +132,14 @@ def test_extreme_logit_gaps(name, params):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,params", [("tvd", {}), ("gjsd", {}), ("skl", {}), ("srkl", {}),
                                          ("gjsd", {"beta": 0.1, "normalized": True}), ("fkl", {}),
-                                         ("rkl", {}), ("symmetric_kl", {}), ("taid", {})])
+                                         ("rkl", {}), ("symmetric_kl", {}), ("taid", {}), ("amid", {}),
+                                         ("amid", {"divergence": "kl", "order": "qr"}),
+                                         ("amid", {"alpha": 1.5, "alpha_ge_1": "power_mean"})])
 def test_kept_exps_with_moving_maxima(name, params, dtype):
     """The rows that keep their exps take them in the pass that reads the logits, relative to the
     running maximum, with a new segment of scales each time it grows (and the gradient pass visits
-    the segments from the last to the first): a row whose maximum grows at every pack, one whose
+    the segments from the last to the first; AMiD: the exps of its mixture's normalizer, in the
+    mixture's pass, which pass 3 reads in increasing order): a row whose maximum grows at every pack, one whose
     maximum is in its first pack, a first pack of -inf, the maximum in the last (partial) pack, and
     a row whose teacher maximum grows while the student's does not."""
     V = 16 * 9 + 5  # nine whole packs of 16 floats (18 of 8) and a partial one
