@@ -482,9 +482,9 @@ KDPLUG_INLINE ArithKL<Vec> arith_kl_at(const RowConsts<F>& c, Vec lp, Vec lq, ty
 }
 
 // ---- kept exps ---------------------------------------------------------------------------------
-// The kept exps of a row (row_exps, forward_grad_row_logit) and the factors that make them
-// probabilities. Segment j covers entries [start[j], start[j + 1]); its exps of operand X were taken
-// relative to the reference maximum ref[X][j], and the pass turns those into the scales
+// The kept exps of a row (KeptLse below) and the factors that make them probabilities. Segment j
+// covers entries [start[j], start[j + 1]); its exps of operand X were taken relative to the
+// reference maximum ref[X][j], and the pass turns those into the scales
 //   scale[X][j] = exp(ref[X][j] - lse_X)        (double, then F; 0 where lse_X = -inf)
 // so that P = w_t scale[TEACHER][j], Q = w_s scale[STUDENT][j] (and r = w_g scale[ASSISTANT][j]).
 // NB: exp(ref - lse) with lse the rounded F the log-probabilities x - lse are taken from (not
@@ -544,6 +544,87 @@ struct ScaleCursor {
   }
 };
 
+// (forward_rows' elements without the alpha-mixture read no kept scales)
+struct NoCursor {
+  template <class KS>
+  explicit NoCursor(const KS&) {}
+};
+
+// The log-sum-exps of NX operands whose exps a pass keeps (row_exps, forward_rows' alpha-mixture
+// pass, forward_grad_row_logit's pass B), and the segments of KeptScales that make those exps
+// probabilities. m[x] is operand x's running maximum (over all lanes): where a pack holds a larger
+// entry, m moves to it, what was summed relative to it is rescaled by exp(old - new), and a new
+// segment of scales begins. Each exp is final when it is taken, so the maxima need no pass of their
+// own before it (the pass that reads the rows from memory also takes the exps), and an entry near
+// the row's maximum is taken relative to it or to a value close to it, as exactly as against the
+// maximum itself. A row in random order has ~ln(V / W) segments per operand; an ascending one, one
+// per pack (a scalar exp more a pack and operand). The start is the lowest finite value: a -inf
+// entry's exp is 0, never exp(-inf + inf). Per pack k: see(k, x) then exp(j, x[j]) for each
+// operand, then end_pack(); lse_X = m + log Z, -inf where Z = 0 (NaN or +inf entries make it
+// non-finite, for the caller to reject the row).
+template <class F, int NX>
+struct KeptLse {
+  using Vec = Vectorized<F>;
+  using O = Ops<Vec>;
+  F m[NX];
+  Vec mv[NX];         // m, broadcast
+  Vec z[NX], zt[NX];  // Z: the sums of this run of 64 packs and of the runs before (cascade)
+  int packs = 0;
+
+  void reset(KeptScales<F>* ks) {
+    for (int x = 0; x < NX; ++x) {
+      m[x] = std::numeric_limits<F>::lowest();
+      mv[x] = Vec(m[x]);
+      z[x] = zt[x] = Vec(F(0));
+    }
+    packs = 0;
+    ks->reset(NX);
+  }
+  // Pack k's values x[0 .. NX), before their exps: rescale(j, f) multiplies what was summed
+  // relative to m[j] by f (Z, and whatever the caller sums alongside it) where m[j] moves.
+  template <class Rescale>
+  KDPLUG_INLINE void see(int64_t k, const Vec* x, KeptScales<F>* ks, Rescale&& rescale) {
+    bool up = O::any(O::gt(x[0], mv[0]));
+    for (int j = 1; j < NX; ++j) up = up || O::any(O::gt(x[j], mv[j]));
+    if (C10_LIKELY(!up)) return;
+    for (int j = 0; j < NX; ++j) {
+      if (!O::any(O::gt(x[j], mv[j]))) continue;
+      const F m2 = hmax<F>(x[j]);
+      rescale(j, Vec(std::exp(m[j] - m2)));
+      m[j] = m2;
+      mv[j] = Vec(m2);
+    }
+    ks->moved(k, m, NX);
+  }
+  KDPLUG_INLINE void see(int64_t k, const Vec* x, KeptScales<F>* ks) {
+    see(k, x, ks, [this](int j, Vec f) KDPLUG_LAMBDA_INLINE { rescale(j, f); });
+  }
+  KDPLUG_INLINE void rescale(int j, Vec f) {
+    z[j] = z[j] * f;
+    zt[j] = zt[j] * f;
+  }
+  KDPLUG_INLINE Vec exp(int j, Vec x) {
+    const Vec e = O::exp(x - mv[j]);
+    z[j] = z[j] + e;
+    return e;
+  }
+  // every 64 packs z is folded into zt; returns whether it was (for the caller's own sums)
+  KDPLUG_INLINE bool end_pack() {
+    if (++packs < 64) return false;
+    for (int x = 0; x < NX; ++x) {
+      zt[x] = zt[x] + z[x];
+      z[x] = Vec(F(0));
+    }
+    packs = 0;
+    return true;
+  }
+  double sum(int x) const { return hsum(zt[x] + z[x]); }
+  F lse(int x) const {
+    const double Z = sum(x);
+    return Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z));
+  }
+};
+
 // ---- forward -----------------------------------------------------------------------------------
 // KEEP (divergence_fwd_grad, one row): pass 3 also stores each entry's v = h^q + w h^r and (with a
 // mixture) w r in kept[0 .. V) and kept[Vp .. Vp + V) (Vp = V rounded up to the pack size), so
@@ -587,8 +668,8 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // pass 2: the alpha-mixture's normalizer Z. Each entry's log r~ (alpha_mix: 2-4
     // transcendentals), its mixture weight w (alpha_mix's, from the same expm1: a division instead
     // of mixture_weight's exp) and the exp of Z's sum, r~ / e^m (m: the running maximum of log r~,
-    // in segments of scales as row_exps keeps them, so that pass 3 reads r = that exp times its
-    // segment's scale instead of computing exp(log r)), are kept in three rows of scratch for
+    // in KeptLse's segments of scales, so that pass 3 reads r = that exp times its segment's
+    // scale instead of computing exp(log r)), are kept in three rows of scratch for
     // pass 3: lr_tilde, r_kept and w_kept (ks_r: r's scales, its one operand at index 0). KEEP: in
     // kept, whose first two rows pass 3 overwrites with v and w r after reading them. Saves 2 exps
     // of ~11 an entry for 2 more streams through L2 / L3; AMiD, EPYC (Zen 5), fp32, V = 128256,
@@ -597,7 +678,6 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     const int64_t Vp = padded<Vec::size()>(a.V);
     F *lr_tilde = nullptr, *r_kept = nullptr, *w_kept = nullptr;
     thread_local KeptScales<F> ks_r;
-    ks_r.reset(1);  // (pass 3's cursor reads it under every mixture)
     if constexpr (MIX == MIX_ALPHA) {
       F* rows = kept;
       if constexpr (!KEEP) {
@@ -608,34 +688,18 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       lr_tilde = rows;
       r_kept = rows + Vp;
       w_kept = rows + 2 * Vp;
-      F m = std::numeric_limits<F>::lowest();  // (so that a -inf entry's exp is 0)
-      Vec mv(m), z(F(0)), zt(F(0));
-      int packs = 0;
+      KeptLse<F, 1> ls;
+      ls.reset(&ks_r);
       row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
         Vec w;
         const Vec l = alpha_mix(xt - Vec(c.lse_t), xs - Vec(c.lse_s), c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a, &w);
         l.store(lr_tilde + k);
         w.store(w_kept + k);
-        if (C10_UNLIKELY(Ops<Vec>::any(Ops<Vec>::gt(l, mv)))) {
-          const F m2 = hmax<F>(l);
-          const Vec f(std::exp(m - m2));
-          z = z * f;
-          zt = zt * f;
-          m = m2;
-          mv = Vec(m2);
-          ks_r.moved(k, &m, 1);
-        }
-        const Vec e = Ops<Vec>::exp(l - mv);
-        e.store(r_kept + k);
-        z = z + e;
-        if (++packs == 64) {
-          zt = zt + z;
-          z = Vec(F(0));
-          packs = 0;
-        }
+        ls.see(k, &l, &ks_r);
+        ls.exp(0, l).store(r_kept + k);
+        ls.end_pack();
       });
-      const double Z = hsum(zt + z);
-      c.log_z = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m) + std::log(Z));
+      c.log_z = ls.lse(0);
       ks_r.finish(&c.log_z, 1);
     }
 
@@ -664,7 +728,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // divergence_fwd ABKD 236 / 210 ms, AMiD 545-549 / 520-525; divergence_fwd_grad ABKD 267-273 /
     // 265-269, AMiD 615-623 / 608-612)
     const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end), std::numeric_limits<int64_t>::max());
-    ScaleCursor<F> f_r(ks_r);
+    std::conditional_t<MIX == MIX_ALPHA, ScaleCursor<F>, NoCursor> f_r(ks_r);
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
       MixTerms<Vec> mt;
@@ -961,7 +1025,7 @@ inline void store_fence() {
 // divergence_fwd_grad for the recipes of forward_rows_fused. Their gradient needs the operands'
 // probabilities, and the forward computes the same exps, so they are kept:
 //   pass B  (the one read of the rows from memory) w_X,k = exp(x_X,k - m_X) for each operand X
-//           (t/T, s/T, and g for TAID), m_X its running maximum (as row_exps: a new segment of
+//           (t/T, s/T, and g for TAID), m_X its running maximum (KeptLse: a new segment of
 //           scales where it moves, the sums so far rescaled), Z_X = sum_k w_X,k,
 //           lse_X = m_X + log Z_X, and the terms' sums of forward_rows_fused; w of q, and of the
 //           lhs A of every term whose rhs is q, kept in a per-thread scratch row
@@ -1037,25 +1101,17 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   // pass B: the one read of the logits. CLEAN_B: the sums without masks, for a row with no -inf
   // entry (returns whether the row has one; the last pack's padding always takes the masks)
   thread_local KeptScales<F> ks;
-  F m[NX];
-  Vec z[NX], zt[NX];
+  KeptLse<F, NX> ls;
   LaneSums<F> cur[NT], tot[NT];
   bool mismatch[NT];
   auto pass_b = [&](auto clean_b) KDPLUG_LAMBDA_INLINE -> bool {
     constexpr bool CLEAN_B = decltype(clean_b)::value;
-    Vec mv[NX];
-    for (int x = 0; x < NX; ++x) {
-      m[x] = std::numeric_limits<F>::lowest();
-      mv[x] = Vec(m[x]);
-      z[x] = zt[x] = zero;
-    }
+    ls.reset(&ks);
     for (int i = 0; i < NT; ++i) {
       cur[i] = tot[i] = LaneSums<F>{zero, zero, zero};
       mismatch[i] = false;
     }
-    ks.reset(NX);
     Vec lo(std::numeric_limits<F>::infinity());
-    int packs = 0;
     const NextRow<scalar_t> next(a, n, prefetch_next);
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
@@ -1063,21 +1119,10 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       x[TEACHER] = xt;
       x[STUDENT] = xs;
       if constexpr (GEO) x[ASSISTANT] = geometric_mix(xt, xs, c.lam);
-      bool moved = false;
-      for (int j = 0; j < NX; ++j) {
-        if (C10_UNLIKELY(O::any(O::gt(x[j], mv[j])))) {  // the reference moves: rescale what was summed
-          const F m2 = hmax<F>(x[j]);
-          rescale_operand<NT>(j, Vec(std::exp(m[j] - m2)), z, zt, lhs, cur, tot);
-          m[j] = m2;
-          mv[j] = Vec(m2);
-          moved = true;
-        }
-      }
-      if (C10_UNLIKELY(moved)) ks.moved(k, m, NX);
-      for (int j = 0; j < NX; ++j) {
-        w[j] = O::exp(x[j] - mv[j]);
-        z[j] = z[j] + w[j];
-      }
+      ls.see(k, x, &ks, [&](int j, Vec f) KDPLUG_LAMBDA_INLINE {
+        rescale_operand<NT>(j, f, ls.z, ls.zt, lhs, cur, tot);
+      });
+      for (int j = 0; j < NX; ++j) w[j] = ls.exp(j, x[j]);
       w[STUDENT].store(kept_w + k);
       if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
       if (CLEAN_B && k < row.main_end) {  // add_term_sums without masks (s, tq: Z_A, below)
@@ -1090,10 +1135,7 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
         const auto on_q = O::land(keep, O::ne(xs, ninf));
         for (int j = 1; j < n_kept; ++j) O::select(on_q, w[kept_of[j]], zero).store(kept_w + j * Vp + k);
       }
-      if (++packs == 64) {
-        fold_sums<NT, NX>(z, zt, cur, tot);
-        packs = 0;
-      }
+      if (ls.end_pack()) fold_sums<NT, 0, F>(nullptr, nullptr, cur, tot);  // (the terms' sums; ls folds Z)
     });
     bool ninf_seen = O::any(O::eq(lo, ninf));
     for (int64_t k = row.main_end; k < row.V; ++k) {  // the last pack's real entries
@@ -1124,8 +1166,8 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   double Z[NX];
   F lse[NX];
   for (int x = 0; x < NX; ++x) {
-    Z[x] = hsum(zt[x] + z[x]);
-    lse[x] = Z[x] == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z[x]));
+    Z[x] = ls.sum(x);
+    lse[x] = ls.lse(x);
   }
   c.lse_t = lse[TEACHER];
   c.lse_s = lse[STUDENT];
@@ -1226,57 +1268,23 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
 }
 
 // The one read of the rows that keep the exps of both sides (forward_grad_row_nomix, _arith):
-// w_t = exp(t/T - m_t), w_s = exp(s/T - m_s) stored per entry (the last pack's padding: 0), Z = sum
-// of the w, c->lse_t, c->lse_s = m + log Z (-inf where Z = 0; NaN or +inf entries make them
-// non-finite, for the caller to reject the row) and the scales of the kept exps.
-// m is each side's running maximum (over all lanes): where a pack holds a larger entry, m moves to
-// it, Z is rescaled, and a new segment of scales begins. Each exp is final when it is taken, so the
-// maxima need no pass of their own before it (the pass that reads the rows from memory also takes
-// the exps), and an entry near the row's maximum is taken relative to it or to a value close to it,
-// as exactly as against the maximum itself. A row in random order has ~ln(V / W) segments per
-// side; an ascending one, one per pack (2 scalar exps more a pack). The start is the lowest finite
-// value: a -inf entry's exp is 0, never exp(-inf + inf).
+// w_t = exp(t/T - m_t), w_s = exp(s/T - m_s) stored per entry (the last pack's padding: 0),
+// c->lse_t, c->lse_s and the scales of the kept exps (KeptLse: m, Z and the segments).
 template <class scalar_t, class F>
 KDPLUG_INLINE void row_exps(const RowView<scalar_t>& row, const NextRow<scalar_t>& next, F* w_t, F* w_s,
                             RowConsts<F>* c, KeptScales<F>* ks) {
   using Vec = Vectorized<F>;
-  using O = Ops<Vec>;
-  const Vec zero(F(0));
-  F m[2] = {std::numeric_limits<F>::lowest(), std::numeric_limits<F>::lowest()};
-  Vec mv[2] = {Vec(m[0]), Vec(m[1])};
-  Vec z[2] = {zero, zero}, zt[2] = {zero, zero};
-  ks->reset(2);
-  int packs = 0;
+  KeptLse<F, 2> ls;
+  ls.reset(ks);
   row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
     next.fetch(k);
-    if (C10_UNLIKELY(O::any(O::gt(xt, mv[TEACHER])) || O::any(O::gt(xs, mv[STUDENT])))) {
-      const Vec x[2] = {xt, xs};  // TEACHER, STUDENT
-      for (int side = 0; side < 2; ++side) {
-        if (!O::any(O::gt(x[side], mv[side]))) continue;
-        const F m2 = hmax<F>(x[side]);
-        const Vec f(std::exp(m[side] - m2));
-        z[side] = z[side] * f;
-        zt[side] = zt[side] * f;
-        m[side] = m2;
-        mv[side] = Vec(m2);
-      }
-      ks->moved(k, m, 2);
-    }
-    const Vec et = O::exp(xt - mv[TEACHER]), es = O::exp(xs - mv[STUDENT]);
-    et.store(w_t + k);
-    es.store(w_s + k);
-    z[TEACHER] = z[TEACHER] + et;
-    z[STUDENT] = z[STUDENT] + es;
-    if (++packs == 64) {
-      fold_sums<0, 2>(z, zt, static_cast<LaneSums<F>*>(nullptr), static_cast<LaneSums<F>*>(nullptr));
-      packs = 0;
-    }
+    const Vec x[2] = {xt, xs};  // TEACHER, STUDENT
+    ls.see(k, x, ks);
+    ls.exp(TEACHER, xt).store(w_t + k);
+    ls.exp(STUDENT, xs).store(w_s + k);
+    ls.end_pack();
   });
-  F lse[2];
-  for (int x = 0; x < 2; ++x) {
-    const double Z = hsum(zt[x] + z[x]);
-    lse[x] = Z == 0.0 ? neg_inf<F>() : static_cast<F>(static_cast<double>(m[x]) + std::log(Z));
-  }
+  const F lse[2] = {ls.lse(TEACHER), ls.lse(STUDENT)};
   c->lse_t = lse[TEACHER];
   c->lse_s = lse[STUDENT];
   ks->finish(lse, 2);
