@@ -451,7 +451,9 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE Element<V> element(int div, V lP, V lQ, const A
 
 // ---- the assistant -----------------------------------------------------------------------------
 // log(e^A + e^B) = max + log1p(exp(min - max)): log1p of a value in [0, 1], nothing cancels or
-// overflows; A = B = -inf gives -inf.
+// overflows; A = B = -inf gives -inf. (log1p_half's series below also holds on [0, 1], but in lse2
+// it gained nothing: SKL, SRKL, gJSD divergence_fwd / _fwd_grad, 1 thread, 8 cached rows of
+// V = 128256 fp32, medians of 6 alternating runs within 3% of the general log1p's, minima equal.)
 template <class V>
 KDPLUG_HOST_DEVICE KDPLUG_INLINE V lse2(V A, V B) {
   using O = Ops<V>;
