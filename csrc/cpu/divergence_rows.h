@@ -64,6 +64,41 @@ constexpr int64_t padded(int64_t V) {
   return (V + W - 1) / W * W;
 }
 
+// A pack or a Pair of packs of F, for the lambdas of RowView::each_pair: its pack count, half i,
+// and loads and stores of F rows.
+template <class P>
+struct PackN {  // Vectorized<F>
+  static constexpr int n = 1;
+  using Vec = P;
+  static KDPLUG_INLINE Vec half(P v, int) { return v; }
+  static KDPLUG_INLINE void set(P& v, int, Vec x) { v = x; }
+  template <class F>
+  static KDPLUG_INLINE P load(const F* p) {
+    return P::loadu(p);
+  }
+  template <class F>
+  static KDPLUG_INLINE void store(P v, F* p) {
+    v.store(p);
+  }
+};
+
+template <class V>
+struct PackN<Pair<V>> {
+  static constexpr int n = 2;
+  using Vec = V;
+  static KDPLUG_INLINE V half(Pair<V> v, int i) { return i == 0 ? v.lo : v.hi; }
+  static KDPLUG_INLINE void set(Pair<V>& v, int i, V x) { (i == 0 ? v.lo : v.hi) = x; }
+  template <class F>
+  static KDPLUG_INLINE Pair<V> load(const F* p) {
+    return {V::loadu(p), V::loadu(p + V::size())};
+  }
+  template <class F>
+  static KDPLUG_INLINE void store(Pair<V> v, F* p) {
+    v.lo.store(p);
+    v.hi.store(p + V::size());
+  }
+};
+
 // ---- loading and storing one SIMD pack of logits in the compute type ---------------------------
 template <class scalar_t>
 struct PackIO {  // float, double
@@ -169,6 +204,20 @@ struct RowView {
     const Vec it(inv_T);
     visit<true>([&](int64_t k, const scalar_t* s_k, const scalar_t* t_k)
                     KDPLUG_LAMBDA_INLINE { fn(k, IO::load(s_k) * it, IO::load(t_k) * it); });
+  }
+  // fn(k, xs, xt) as each, two packs at a time (xs, xt: Pair<Vec>, k the first's column) while
+  // two whole packs remain, then one: the same entries in the same order (see Pair in vec_ops.h).
+  // fn takes both kinds (a generic lambda; PackN below).
+  template <class Fn>
+  KDPLUG_INLINE void each_pair(Fn&& fn) const {
+    const Vec it(inv_T);
+    int64_t k = 0;
+    for (; k + 2 * W <= main_end; k += 2 * W) {
+      fn(k, Pair<Vec>(IO::load(s + k) * it, IO::load(s + k + W) * it),
+         Pair<Vec>(IO::load(t + k) * it, IO::load(t + k + W) * it));
+    }
+    for (; k < main_end; k += W) fn(k, IO::load(s + k) * it, IO::load(t + k) * it);
+    if (main_end < V) fn(main_end, IO::load(s_tail) * it, IO::load(t_tail) * it);
   }
   // fn(k, xs): the student side only
   template <class Fn>
@@ -636,6 +685,7 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
                   int64_t prefetch_end = 0) {
   using F = compute_t<scalar_t>;
   using Vec = Vectorized<F>;
+  constexpr int W = Vec::size();
   // (divergence_fwd and _fwd_grad give those terms forward_grad_row_arith's kept exps instead)
   static_assert(!(MIX == MIX_ARITHMETIC && kArithKL<SIG>), "the arithmetic KL terms keep their exps");
   for (int64_t n = begin; n < end; ++n) {
@@ -690,14 +740,19 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
       w_kept = rows + 2 * Vp;
       KeptLse<F, 1> ls;
       ls.reset(&ks_r);
-      row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-        Vec w;
-        const Vec l = alpha_mix(xt - Vec(c.lse_t), xs - Vec(c.lse_s), c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a, &w);
-        l.store(lr_tilde + k);
-        w.store(w_kept + k);
-        ls.see(k, &l, &ks_r);
-        ls.exp(0, l).store(r_kept + k);
-        ls.end_pack();
+      row.each_pair([&](int64_t k, auto xs, auto xt) KDPLUG_LAMBDA_INLINE {
+        using P = decltype(xs);
+        using N = PackN<P>;
+        P w;
+        const P l = alpha_mix(xt - P(c.lse_t), xs - P(c.lse_s), c.lam, c.log_lam, c.log_1m_lam, c.a, c.inv_a, &w);
+        N::store(l, lr_tilde + k);
+        N::store(w, w_kept + k);
+        for (int i = 0; i < N::n; ++i) {
+          const Vec l_i = N::half(l, i);
+          ls.see(k + i * W, &l_i, &ks_r);
+          ls.exp(0, l_i).store(r_kept + k + i * W);
+          ls.end_pack();
+        }
       });
       c.log_z = ls.lse(0);
       ks_r.finish(&c.log_z, 1);
@@ -729,25 +784,45 @@ void forward_rows(const Args<scalar_t>& a, compute_t<scalar_t>* loss, compute_t<
     // 265-269, AMiD 615-623 / 608-612)
     const NextRow<scalar_t> next(a, n, n + 1 < std::max(end, prefetch_end), std::numeric_limits<int64_t>::max());
     std::conditional_t<MIX == MIX_ALPHA, ScaleCursor<F>, NoCursor> f_r(ks_r);
-    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-      next.fetch(k);
-      MixTerms<Vec> mt;
-      H<Vec> h;
+    // Two packs at a time (each_pair): their sums start from 0 and are added into e_acc and acc
+    // half by half, in the order and at the 64-pack folds of one pack at a time (0 + x is x), so
+    // the sums keep their bits.
+    row.each_pair([&](int64_t k, auto xs, auto xt) KDPLUG_LAMBDA_INLINE {
+      using P = decltype(xs);
+      using N = PackN<P>;
+      for (int i = 0; i < N::n; ++i) next.fetch(k + i * W);
+      const P zero(0);
+      P e_k[kMaxTerms];
+      for (int i = 0; i < c.n_terms; ++i) e_k[i] = zero;
+      StatAcc<P> acc_k{zero, zero, zero, zero};
+      MixTerms<P> mt;
+      H<P> h;
       if constexpr (MIX == MIX_ALPHA) {
-        f_r.seek(k);
-        const Logs<Vec> L = logs_at_alpha(c, xs, xt, Vec::loadu(lr_tilde + k), Vec::loadu(w_kept + k));
-        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
-        mt = stats_at(c, h, L.w, Vec::loadu(r_kept + k) * f_r.f[0], &acc);
+        P r;
+        for (int i = 0; i < N::n; ++i) {
+          f_r.seek(k + i * W);
+          N::set(r, i, Vec::loadu(r_kept + k + i * W) * f_r.f[0]);  // (the halves' segments may differ)
+        }
+        const Logs<P> L = logs_at_alpha(c, xs, xt, N::load(lr_tilde + k), N::load(w_kept + k));
+        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_k);
+        mt = stats_at(c, h, L.w, r, &acc_k);
       } else {
-        const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
-        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_acc);
-        mt = stats_at(c, L, h, &acc);
+        const Logs<P> L = logs_at<MIX>(c, xs, xt);
+        h = terms_at<true>(c, L, keep_at(c, xs, xt), e_k);
+        mt = stats_at(c, L, h, &acc_k);
       }
       if constexpr (KEEP) {
-        (h.q + mt.w_h_r).store(kept + k);
-        if constexpr (MIX != MIX_NONE) mt.w_r.store(kept + Vp + k);  // (0 without a mixture)
+        N::store(h.q + mt.w_h_r, kept + k);
+        if constexpr (MIX != MIX_NONE) N::store(mt.w_r, kept + Vp + k);  // (0 without a mixture)
       }
-      if (++packs == 64) fold();
+      for (int j = 0; j < N::n; ++j) {
+        for (int i = 0; i < c.n_terms; ++i) e_acc[i] = e_acc[i] + N::half(e_k[i], j);
+        acc.h_q = acc.h_q + N::half(acc_k.h_q, j);
+        acc.h_r = acc.h_r + N::half(acc_k.h_r, j);
+        acc.w_h_r = acc.w_h_r + N::half(acc_k.w_h_r, j);
+        acc.w_r = acc.w_r + N::half(acc_k.w_r, j);
+        if (++packs == 64) fold();
+      }
     });
     fold();
     double total = 0;
@@ -1573,6 +1648,18 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
     const F H_r = st[STAT_H_R], U = st[STAT_U];
     const RowView<scalar_t> row(a.s + n * a.s_stride, a.t + n * a.t_stride, a.V, c.inv_T);
     const bool aligned = reinterpret_cast<uintptr_t>(g) % (sizeof(scalar_t) * W) == 0;
+    if constexpr (MIX == MIX_ALPHA) {
+      // the alpha-mixture's chain of transcendentals an entry, two packs at a time (see Pair)
+      row.each_pair([&](int64_t k, auto xs, auto xt) KDPLUG_LAMBDA_INLINE {
+        using P = decltype(xs);
+        using N = PackN<P>;
+        const Logs<P> L = logs_at<MIX>(c, xs, xt);
+        const H<P> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<P*>(nullptr));
+        const P gk = grad_at(c, L, h, H_r, U, scale);
+        for (int i = 0; i < N::n; ++i) store_grad_pack<scalar_t>(g, k + i * W, a.V, aligned, N::half(gk, i));
+      });
+      continue;
+    }
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       Vec gk;
       bool done = false;
