@@ -144,7 +144,10 @@ struct Ops<Vectorized<double>> : GenericVecOps<double> {};
 // alpha-mixture's expm1 -> log1p -> exp, AB's three exps) are latency-bound with one pack per
 // iteration: each iteration's ~100 dependent operations fill the out-of-order scheduler before the
 // next iteration's independent ones are reached. alpha_mix + the exp of its result, fp32, AVX-512,
-// EPYC (Zen 5), 4096 entries in L1: 1.47 ns an entry per pack, 1.06 per Pair.
+// EPYC (Zen 5), 4096 entries in L1: 1.47 ns an entry per pack, 1.06 per Pair. Not a general
+// win: forward_grad_row_arith's pass (a log and a division an entry, with more values live per
+// entry) got slower with it (SKL divergence_fwd 37-41 -> 41-44 ms, fwd_grad 42-44 -> 49-51;
+// 1 thread, N = 256, V = 128256 fp32), so it stays one pack at a time.
 template <class V>
 struct Pair {
   V lo, hi;
