@@ -772,8 +772,8 @@ KDPLUG_HOST_DEVICE KDPLUG_INLINE H<V> terms_at(const RowConsts<F>& c, const Logs
       el.dQ = O::select(keep, el.dQ, V(0));
     }
     if (WITH_LOSS) e_acc[i] = e_acc[i] + el.e;
-    // (AB's partials are finite where alpha, beta > 0: see ab_element)
-    const bool finite = c.div[i] == AB && c.ab[i].positive();
+    // (AB's partials are finite where alpha, beta > 0: see ab_element; TVD's always are)
+    const bool finite = (c.div[i] == AB && c.ab[i].positive()) || c.div[i] == TVD;
     const V dP = V(coef) * (finite ? el.dP : finite_or_0(el.dP));
     const V dQ = V(coef) * (finite ? el.dQ : finite_or_0(el.dQ));
     if (c.lhs[i] == STUDENT) h.q = h.q + dP;

@@ -1428,6 +1428,10 @@ void forward_grad_row_nomix(const Args<scalar_t>& a, int64_t n, const compute_t<
   if (!kept_exps_pass(a, n, row, NextRow<scalar_t>(a, n, prefetch_next && fits), kept, &c, &ks, bad_row, loss + n,
                       st_out, g_row))
     return;
+  // NB: pinned again: kept_exps_pass (not inlined) took &c, so the compiler no longer knew the
+  // pinned terms, and the passes below branched on them per pack (TVD: the element's switch, the
+  // operands' choice, both partials' finite_or_0)
+  pin_terms<SIG>(c);
   F* w_t = kept.data();  // then h^q (with a gradient to compute)
   F* w_s = kept.data() + padded<W>(a.V);
 
@@ -1538,6 +1542,7 @@ void forward_grad_row_arith(const Args<scalar_t>& a, int64_t n, const compute_t<
   thread_local KeptScales<F> ks;
   if (!kept_exps_pass(a, n, row, NextRow<scalar_t>(a, n, false), kept, &c, &ks, bad_row, loss + n, st_out, g_row))
     return;
+  pin_terms<SIG>(c);  // (again: see forward_grad_row_nomix)
   F* w_t = kept.data();  // then v
   F* w_s = kept.data() + padded<W>(a.V);
 
