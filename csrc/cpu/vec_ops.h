@@ -141,7 +141,7 @@ struct Ops<Vectorized<double>> : GenericVecOps<double> {};
 // templates take as one value, each operation applied to both halves in turn. Same operations on
 // the same lanes, so the same bits as two calls on single packs, but the two halves' dependency
 // chains sit side by side in the instruction stream. The passes with long chains per entry (the
-// alpha-mixture's expm1 -> log1p -> exp, AB's three exps) are latency-bound with one pack per
+// alpha-mixture's expm1 -> log1p -> exp, then its AB element) are latency-bound with one pack per
 // iteration: each iteration's ~100 dependent operations fill the out-of-order scheduler before the
 // next iteration's independent ones are reached. alpha_mix + the exp of its result, fp32, AVX-512,
 // EPYC (Zen 5), 4096 entries in L1: 1.47 ns an entry per pack, 1.06 per Pair. Not a general
