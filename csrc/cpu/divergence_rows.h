@@ -69,9 +69,8 @@ constexpr int64_t padded(int64_t V) {
 template <class P>
 struct PackN {  // Vectorized<F>
   static constexpr int n = 1;
-  using Vec = P;
-  static KDPLUG_INLINE Vec half(P v, int) { return v; }
-  static KDPLUG_INLINE void set(P& v, int, Vec x) { v = x; }
+  static KDPLUG_INLINE P half(P v, int) { return v; }
+  static KDPLUG_INLINE void set(P& v, int, P x) { v = x; }
   template <class F>
   static KDPLUG_INLINE P load(const F* p) {
     return P::loadu(p);
@@ -85,7 +84,6 @@ struct PackN {  // Vectorized<F>
 template <class V>
 struct PackN<Pair<V>> {
   static constexpr int n = 2;
-  using Vec = V;
   static KDPLUG_INLINE V half(Pair<V> v, int i) { return i == 0 ? v.lo : v.hi; }
   static KDPLUG_INLINE void set(Pair<V>& v, int i, V x) { (i == 0 ? v.lo : v.hi) = x; }
   template <class F>
@@ -207,7 +205,7 @@ struct RowView {
   }
   // fn(k, xs, xt) as each, two packs at a time (xs, xt: Pair<Vec>, k the first's column) while
   // two whole packs remain, then one: the same entries in the same order (see Pair in vec_ops.h).
-  // fn takes both kinds (a generic lambda; PackN below).
+  // fn takes both kinds (a generic lambda; PackN above).
   template <class Fn>
   KDPLUG_INLINE void each_pair(Fn&& fn) const {
     const Vec it(inv_T);
@@ -1663,49 +1661,49 @@ void backward_rows(const Args<scalar_t>& a, const compute_t<scalar_t>* grad_loss
         const P gk = grad_at(c, L, h, H_r, U, scale);
         for (int i = 0; i < N::n; ++i) store_grad_pack<scalar_t>(g, k + i * W, a.V, aligned, N::half(gk, i));
       });
-      continue;
-    }
-    row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
-      Vec gk;
-      bool done = false;
-      if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
-        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
-        if (C10_LIKELY(arith_in_range(lp, lq))) {
-          const auto t = arith_kl_at<SIG, false>(c, lp, lq, keep_at(c, xs, xt));
-          Vec u = t.h_q;
-          if (c.live_assistant) {  // grouped as forward_rows keeps it (see grad_at)
-            const Vec wq = Vec(F(1) - c.lam) * t.Q;
-            u = (u + wq * t.h_r * t.inv_R) - Vec(H_r) * wq;
+    } else {
+      row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
+        Vec gk;
+        bool done = false;
+        if constexpr (MIX == MIX_ARITHMETIC && kArithKL<SIG>) {
+          const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+          if (C10_LIKELY(arith_in_range(lp, lq))) {
+            const auto t = arith_kl_at<SIG, false>(c, lp, lq, keep_at(c, xs, xt));
+            Vec u = t.h_q;
+            if (c.live_assistant) {  // grouped as forward_rows keeps it (see grad_at)
+              const Vec wq = Vec(F(1) - c.lam) * t.Q;
+              u = (u + wq * t.h_r * t.inv_R) - Vec(H_r) * wq;
+            }
+            gk = Ops<Vec>::select(Ops<Vec>::eq(lq, Vec(neg_inf<F>())), Vec(F(0)), (u - t.Q * Vec(U)) * Vec(scale));
+            done = true;
           }
-          gk = Ops<Vec>::select(Ops<Vec>::eq(lq, Vec(neg_inf<F>())), Vec(F(0)), (u - t.Q * Vec(U)) * Vec(scale));
+        }
+        if constexpr (SIG == SIG_SYM) {
+          // KL(p||q) and KL(q||p): terms_at + grad_at written out with P and Q computed once (the
+          // generic instance computed exp(lq) twice), the same operations in the same order
+          using O = Ops<Vec>;
+          const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
+          const Vec P = O::exp(lp), Q = O::exp(lq), zero(F(0));
+          const auto keep = keep_at(c, xs, xt);
+          Vec d0 = O::neg(P), d1 = mul0(Q, (lq - lp) + Vec(F(1)));
+          if (c.exclude) {
+            d0 = O::select(keep, d0, zero);
+            d1 = O::select(keep, d1, zero);
+          }
+          Vec u = zero;
+          if (c.coef[0] != F(0)) u = u + Vec(c.coef[0]) * finite_or_0(d0);
+          if (c.coef[1] != F(0)) u = u + Vec(c.coef[1]) * finite_or_0(d1);
+          gk = O::select(O::eq(lq, Vec(neg_inf<F>())), zero, (u - Q * Vec(U)) * Vec(scale));
           done = true;
         }
-      }
-      if constexpr (SIG == SIG_SYM) {
-        // KL(p||q) and KL(q||p): terms_at + grad_at written out with P and Q computed once (the
-        // generic instance computed exp(lq) twice), the same operations in the same order
-        using O = Ops<Vec>;
-        const Vec lq = xs - Vec(c.lse_s), lp = xt - Vec(c.lse_t);
-        const Vec P = O::exp(lp), Q = O::exp(lq), zero(F(0));
-        const auto keep = keep_at(c, xs, xt);
-        Vec d0 = O::neg(P), d1 = mul0(Q, (lq - lp) + Vec(F(1)));
-        if (c.exclude) {
-          d0 = O::select(keep, d0, zero);
-          d1 = O::select(keep, d1, zero);
+        if (!done) {
+          const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
+          const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
+          gk = grad_at(c, L, h, H_r, U, scale);
         }
-        Vec u = zero;
-        if (c.coef[0] != F(0)) u = u + Vec(c.coef[0]) * finite_or_0(d0);
-        if (c.coef[1] != F(0)) u = u + Vec(c.coef[1]) * finite_or_0(d1);
-        gk = O::select(O::eq(lq, Vec(neg_inf<F>())), zero, (u - Q * Vec(U)) * Vec(scale));
-        done = true;
-      }
-      if (!done) {
-        const Logs<Vec> L = logs_at<MIX>(c, xs, xt);
-        const H<Vec> h = terms_at<false>(c, L, keep_at(c, xs, xt), static_cast<Vec*>(nullptr));
-        gk = grad_at(c, L, h, H_r, U, scale);
-      }
-      store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
-    });
+        store_grad_pack<scalar_t>(g, k, a.V, aligned, gk);
+      });
+    }
   }
   store_fence();
 }
