@@ -681,7 +681,13 @@ def forward_keeps_exps(name, params, dtype) -> bool:
 LOGIT_CASES = [c for c in CASES if c[0] in ("fkl", "rkl", "symmetric_kl", "akl", "taid")]
 
 
-@pytest.mark.parametrize("V", [37, 64])
+# V_PAST_L2: a row whose logits and kept exps outgrow any core's L2 (7 MB in float32, 4.8 MB in
+# bfloat16): forward_grad_row_logit then keeps d = s - t for KL(q||p)'s log-ratio (RKL, symmetric
+# KL, AKL) instead of reading the logits again, and prefetches no next row
+V_PAST_L2 = 600011
+
+
+@pytest.mark.parametrize("V", [37, 64, V_PAST_L2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("name,params", [c for c in LOGIT_CASES], ids=[CASE_IDS[CASES.index(c)] for c in LOGIT_CASES])
 def test_fwd_grad_rows_without_ninf(name, params, dtype, V):
@@ -701,6 +707,31 @@ def test_fwd_grad_rows_without_ninf(name, params, dtype, V):
     assert torch.isfinite(loss).all() and (loss[mask] != 0).all()
     assert torch.equal(loss, loss2) and torch.equal(stats, stats2)
     assert torch.equal(grad, grad2[:, :V]) and (grad2[:, V] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name,params", [c for c in LOGIT_CASES], ids=[CASE_IDS[CASES.index(c)] for c in LOGIT_CASES])
+def test_fwd_grad_rows_past_l2(name, params, dtype):
+    """A training step on rows past L2 (V_PAST_L2; a clean row, one with columns that are -inf on
+    both sides, a masked row, a clean last row): the compiled gradient computed in the forward
+    against the PyTorch path's."""
+    s, t = make_logits((4, V_PAST_L2), dtype, seed=5)
+    s[1, ::97] = NINF
+    t[1, ::97] = NINF
+    mask = torch.tensor([True, True, False, True])
+
+    def step(backend):
+        x = s.clone().requires_grad_()
+        loss = kdplug.get(name, backend=backend, temperature=1.7, **params)(x, t, mask=mask)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    (loss_c, grad_c), (loss_t, grad_t) = step("compiled"), step("torch")
+    lr, la, gr, ga = TOL[dtype]
+    torch.testing.assert_close(loss_c.double(), loss_t.double(), rtol=lr, atol=la)
+    scale = grad_t.double().abs().max().item()
+    torch.testing.assert_close(grad_c.double(), grad_t.double(), rtol=gr, atol=ga * scale)
+    assert (grad_c[1, ::97] == 0).all() and (grad_c[2] == 0).all()
 
 
 @pytest.mark.parametrize("name,params", [c for c in LOGIT_CASES], ids=[CASE_IDS[CASES.index(c)] for c in LOGIT_CASES])

@@ -41,6 +41,10 @@
 #include <type_traits>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size (l2_bytes)
+#endif
+
 #include "divergence_cpu.h"
 #include "vec_ops.h"
 
@@ -253,6 +257,32 @@ struct RowView {
 // 93 vs 85 ms, RKL 93 vs 85, symmetric KL 101 vs 96, TAID 119 vs 116 (V = 128256; the training
 // step's times within noise of each other).
 constexpr int64_t kPrefetchBytes = 512 << 10;
+
+// The L2 cache of one core, in bytes, as the C library reads it from cpuid (1 MiB where it does
+// not say: this project's EPYC's size, the Xeon's is 2 MiB).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (v > 0) return static_cast<int64_t>(v);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// How much of the next row to prefetch (both sides together, bytes) during a row whose passes keep
+// `resident` bytes in L2 until its last pass (its logits and kept exps): what is left of L2, at most
+// kPrefetchBytes (forward_grad_row_logit). A prefetch into a full L2 evicts the kept exps the
+// gradient pass is about to read, and its own lines are evicted before the next row's pass reaches
+// them. Xeon (2 MiB L2), fp32 divergence_fwd_grad, 2 threads, N V = 262 M, the first 512 KiB / none
+// (FKL keeps 16 V bytes): FKL V = 32000  145-148 / 172-180 ms, V = 65536  141-143 / 172-177,
+// V = 98304  160-162 / 162-168, V = 131072  169-171 / 166-170, V = 262144  178-179 / 171-174; RKL
+// V = 196608  201-220 / 191-199. (The other kept-exps rows keep their own rules: the arithmetic
+// mixture's compute-bound pass 2 gains from the prefetch even into a full L2, see there.)
+inline int64_t prefetch_budget(int64_t resident) {
+  return std::clamp<int64_t>(l2_bytes() - resident, 0, kPrefetchBytes);
+}
 
 template <class scalar_t>
 struct NextRow {
@@ -1158,18 +1188,34 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
   int slot_of[NX] = {};  // operand -> its slot (0: not kept unless it is q)
   int kept_of[NX] = {STUDENT};
   int n_kept = 1;
-  bool q_lhs = false;  // some term has q on its left: pass C reads the logits
+  bool q_lhs = false;  // some term has q on its left: pass C reads the logits, or the kept d
+  bool keep_d = !c.exclude;  // (below)
   for (int i = 0; i < NT; ++i) {
     if (c.coef[i] == F(0)) continue;
-    if (lhs[i] == STUDENT) q_lhs = true;
+    if (lhs[i] == STUDENT) {
+      q_lhs = true;
+      keep_d = keep_d && kl[i] && rhs[i] == TEACHER;
+    }
     if (rhs[i] == STUDENT && lhs[i] != STUDENT && slot_of[lhs[i]] == 0) {
       slot_of[lhs[i]] = n_kept;
       kept_of[n_kept++] = lhs[i];
     }
   }
   const int64_t Vp = padded<W>(a.V);
-  if (static_cast<int64_t>(kept.size()) < n_kept * Vp) kept.resize(static_cast<size_t>(n_kept * Vp));
+  const int64_t logit_bytes = 2 * a.V * static_cast<int64_t>(sizeof(scalar_t));
+  // d = s/T - t/T kept in a row of its own, for pass C's log-ratio lq - lp of KL(q||p) (every term
+  // with q on its left, nothing excluded), where the row's logits and kept exps outgrow L2: pass C
+  // then reads d where it would read the logits, and a clean row's pass C reads no logits at all.
+  // Written in pass B its lines are dirty, so L2 evicts them to L3; the logits pass B read come
+  // back from memory. Xeon (2 MiB L2), fp32 divergence_fwd_grad, 2 threads, N = 1000, V = 262144,
+  // kept d / logits: RKL 178-184 / 201-214 ms, symmetric KL 210-214 / 236-241, AKL 209-213 /
+  // 236-242; where the row fits L2 (V = 32000) d cost symmetric KL 197-202 against 179-185 ms.
+  keep_d = keep_d && q_lhs && logit_bytes + n_kept * Vp * static_cast<int64_t>(sizeof(F)) > l2_bytes();
+  const int64_t kept_rows = n_kept + (keep_d ? 1 : 0);
+  if (static_cast<int64_t>(kept.size()) < kept_rows * Vp) kept.resize(static_cast<size_t>(kept_rows * Vp));
   F* kept_w = kept.data();
+  F* kept_d = kept_w + n_kept * Vp;
+  const int64_t next_bytes = prefetch_budget(logit_bytes + kept_rows * Vp * static_cast<int64_t>(sizeof(F)));
 
   // pass B: the one read of the logits. CLEAN_B: the sums without masks, for a row with no -inf
   // entry (returns whether the row has one; the last pack's padding always takes the masks)
@@ -1185,7 +1231,7 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       mismatch[i] = false;
     }
     Vec lo(std::numeric_limits<F>::infinity());
-    const NextRow<scalar_t> next(a, n, prefetch_next);
+    const NextRow<scalar_t> next(a, n, prefetch_next && next_bytes > 0, next_bytes);
     row.each([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       next.fetch(k);
       Vec x[NX], w[NX];
@@ -1197,6 +1243,7 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       });
       for (int j = 0; j < NX; ++j) w[j] = ls.exp(j, x[j]);
       w[STUDENT].store(kept_w + k);
+      if (keep_d) (xs - xt).store(kept_d + k);
       if (k < row.main_end) lo = O::min(lo, O::min(xs, xt));  // (a NaN row is rejected anyway)
       if (CLEAN_B && k < row.main_end) {  // add_term_sums without masks (s, tq: Z_A, below)
         for (int i = 0; i < NT; ++i) cur[i].f = cur[i].f + w[lhs[i]] * (kl[i] ? x[lhs[i]] - x[rhs[i]] : x[rhs[i]]);
@@ -1302,6 +1349,24 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       }
       return;
     }
+    // with keep_d: KL(q||p)'s lq - lp = d - (lse_s - lse_t), which rounds differently from
+    // (s/T - lse_s) - (t/T - lse_t), a few ulp (as the rest of this op); a row with -inf entries
+    // takes it too (and reads s for its zeros), so that both kinds of row give the same bits
+    const Vec d_lse(c.lse_s - c.lse_t);
+    if (CLEAN && keep_d) {  // Q (lq - lp + 1) from the kept exps and d alone
+      const Vec one(F(1));
+      for (int64_t k = Vp - W; k >= 0; k -= W) {
+        f.seek_down(k);
+        const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
+        const Vec d = Q * ((Vec::loadu(kept_d + k) - d_lse) + one);
+        Vec u = u_kept(k);
+        for (int i = 0; i < NT; ++i)
+          if (lhs[i] == STUDENT && c.coef[i] != F(0)) u = u + Vec(c.coef[i]) * finite_or_0(d);
+        // (the padding: d = NaN there, not stored)
+        store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
+      }
+      return;
+    }
     row.each_down([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       f.seek_down(k);
       const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
@@ -1319,6 +1384,8 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
         Vec d;
         if constexpr (CLEAN) {
           d = kl[i] ? Q * ((lq - lb) + Vec(F(1))) : Q * O::neg(lb);
+        } else if (keep_d) {  // (KL(q||p), nothing excluded)
+          d = mul0(Q, (Vec::loadu(kept_d + k) - d_lse) + Vec(F(1)));
         } else {
           d = kl[i] ? mul0(Q, (lq - lb) + Vec(F(1))) : mul0(Q, O::neg(lb));
           if (c.exclude) d = O::select(keep_at(c, xs, xt), d, zero);
