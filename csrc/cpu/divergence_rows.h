@@ -246,9 +246,10 @@ struct RowView {
 // fetch(k) at every pack requests the cache lines of both sides holding entries [k, k + W), once
 // per line, so that the next row's first pass finds them in cache instead of waiting for memory.
 // At most the first kPrefetchBytes of the next row (both sides together) where the current row is
-// read again (divergence_fwd_grad): fetched further, it evicts the current row's logits and kept
-// exps from L2 before their last pass reads them (the one-pass forward, which reads each row once,
-// fetches the whole next row: see forward_rows_fused; so does forward_rows' slower pass 3). On the
+// read again (divergence_fwd_grad; forward_grad_row_logit: only what prefetch_budget leaves):
+// fetched further, it evicts the current row's logits and kept exps from L2 before their last pass
+// reads them (the one-pass forward, which reads each row once, fetches the whole next row: see
+// forward_rows_fused; so does forward_rows' slower pass 3). On the
 // Xeon (2 MiB L2), N = 2048 fp32 divergence_fwd_grad, whole next row / its first 512 KiB / none:
 // V = 128256  FKL 181 / 167 / 162 ms, symmetric KL 246 / 200 / 177, TAID 194 / 189 / 203,
 //             TVD 200 / 186 / 177, gJSD 350 / 347 / 364;
@@ -1136,7 +1137,8 @@ inline void store_fence() {
 //             u = sum_{rhs = q} coef (-P_A)                  (dQ of KL and CE; kept entries)
 //               + sum_{lhs = q} coef Q (lq - lB + 1)         (dP of KL; finite, kept entries)
 //             grad = scale (u - Q U),  0 where s = -inf
-//           (lq - lB from the logits, read again only when some term's lhs is q: rkl, symmetric KL)
+//           (lq - lB from the logits, read again only when some term's lhs is q: rkl, symmetric KL,
+//           AKL; past L2 from d = s/T - t/T, kept in pass B: see keep_d)
 // One exp per operand and entry in all, where the one-pass forward and the backward's pass make
 // two: fkl, rkl, symmetric KL, AKL 4 -> 2 exps per entry, TAID 5 -> 3. P = w scale rounds
 // differently from the backward's exp(x - lse): the gradient agrees with divergence_bwd's to a
