@@ -1342,33 +1342,29 @@ bool forward_grad_row_logit(const Args<scalar_t>& a, int64_t n, const compute_t<
       for (int j = 1; j < n_kept; ++j) u = u + Vec(coef_P[j]) * f.f[kept_of[j]] * Vec::loadu(kept_w + j * Vp + k);
       return u;
     };
-    if (!q_lhs) {
-      // every part of u - Q U is 0 where s = -inf (w_q = 0 and the kept P_A were zeroed there)
-      for (int64_t k = Vp - W; k >= 0; k -= W) {
-        f.seek_down(k);
-        const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
-        store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u_kept(k) - Q * Uv) * sc);
-      }
-      return;
-    }
     // with keep_d: KL(q||p)'s lq - lp = d - (lse_s - lse_t), which rounds differently from
     // (s/T - lse_s) - (t/T - lse_t), a few ulp (as the rest of this op); a row with -inf entries
     // takes it too (and reads s for its zeros), so that both kinds of row give the same bits
     const Vec d_lse(c.lse_s - c.lse_t);
-    if (CLEAN && keep_d) {  // Q (lq - lp + 1) from the kept exps and d alone
-      const Vec one(F(1));
+    // the gradient from the kept rows alone: no term with q on its left (every part of u - Q U is
+    // 0 where s = -inf: w_q = 0 and the kept P_A were zeroed there), or a clean row with keep_d
+    // (KL(q||p)'s Q (lq - lp + 1) from d)
+    auto from_kept = [&](auto with_d) KDPLUG_LAMBDA_INLINE {
       for (int64_t k = Vp - W; k >= 0; k -= W) {
         f.seek_down(k);
         const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
-        const Vec d = Q * ((Vec::loadu(kept_d + k) - d_lse) + one);
         Vec u = u_kept(k);
-        for (int i = 0; i < NT; ++i)
-          if (lhs[i] == STUDENT && c.coef[i] != F(0)) u = u + Vec(c.coef[i]) * finite_or_0(d);
-        // (the padding: d = NaN there, not stored)
+        if constexpr (decltype(with_d)::value) {
+          const Vec d = Q * ((Vec::loadu(kept_d + k) - d_lse) + Vec(F(1)));
+          for (int i = 0; i < NT; ++i)
+            if (lhs[i] == STUDENT && c.coef[i] != F(0)) u = u + Vec(c.coef[i]) * finite_or_0(d);
+          // (the padding: d = NaN there, not stored)
+        }
         store_grad_pack<scalar_t>(g_row, k, a.V, aligned, (u - Q * Uv) * sc);
       }
-      return;
-    }
+    };
+    if (!q_lhs) return from_kept(std::false_type{});
+    if (CLEAN && keep_d) return from_kept(std::true_type{});
     row.each_down([&](int64_t k, Vec xs, Vec xt) KDPLUG_LAMBDA_INLINE {
       f.seek_down(k);
       const Vec Q = Vec::loadu(kept_w + k) * f.f[STUDENT];
